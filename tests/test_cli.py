@@ -1,0 +1,63 @@
+"""The `tltutor` command, run as a subprocess the way users and `make` run it: exit codes and messages."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=ROOT, env=None, timeout=300):
+    r = subprocess.run([sys.executable, "-m", "tltutor.cli", *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    return r.returncode, r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("sub", ["doctor", "data", "course"])
+def test_help(sub):
+    rc, out, _ = cli(sub, "--help")
+    assert rc == 0 and f"usage: tltutor {sub}" in out
+
+
+def test_no_command_prints_usage():
+    rc, out, _ = cli()
+    assert rc == 2 and "usage: tltutor" in out
+
+
+def test_unknown_chapter_lists_valid_ones():
+    rc, _, err = cli("course", "--chapters", "99_nope", "--out", "/tmp/tltutor-never-written")
+    assert rc == 2 and "unknown chapter '99_nope'" in err and "00_core" in err
+
+
+def test_out_is_a_file(tmp_path):
+    f = tmp_path / "site"; f.write_text("not a folder")
+    rc, _, err = cli("course", "--chapters", "00", "--out", str(f))
+    assert rc == 2 and "is a file, not a folder" in err
+
+
+def test_out_cannot_be_created():
+    # /proc refuses new folders even to root, so this checks the message without relying on file permissions
+    rc, _, err = cli("course", "--chapters", "00", "--out", "/proc/tltutor-site")
+    assert rc == 2 and "cannot create --out" in err
+
+
+def test_course_runs_chapters_and_reports_failures(tmp_path):
+    nbs = tmp_path / "nbs"; nbs.mkdir()
+    ok = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("---\ntitle: Tiny chapter\n---"),
+        nbformat.v4.new_code_cell("from tltutor.core import record\nrecord('00_tiny', score=0.875, parts={'a': 2})")])
+    bad = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise RuntimeError('chapter broke')")])
+    nbformat.write(ok, nbs / "00_tiny.ipynb"); nbformat.write(bad, nbs / "01_bad.ipynb")
+    env = {**__import__("os").environ, "TLTUTOR_RESULTS": str(tmp_path / "_results")}
+    rc, out, err = cli("course", "--nbs", str(nbs), "--out", str(tmp_path / "site"), env=env)
+    assert rc == 1, (out, err)
+    assert "1 of 2 chapters ran; failed: 01_bad" in out
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert "Tiny chapter" in index and "<code>score</code> = 0.875" in index and "<code>parts.a</code> = 2" in index
+    assert "chapter broke" in index
+    runs = json.loads((tmp_path / "site" / "runs.json").read_text())
+    assert [r["ok"] for r in runs["runs"]] == [True, False]
+    assert (tmp_path / "site" / "00_tiny.html").stat().st_size > 1000

@@ -48,7 +48,7 @@ def test_course_runs_chapters_and_reports_failures(tmp_path):
     nbs = tmp_path / "nbs"; nbs.mkdir()
     ok = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_markdown_cell("---\ntitle: Tiny chapter\n---"),
-        nbformat.v4.new_code_cell("from tltutor.core import record\nrecord('00_tiny', score=0.875, parts={'a': 2})")])
+        nbformat.v4.new_code_cell("from tltutor.core import record\nrecord('tiny', score=0.875, parts={'a': 2})")])
     bad = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise RuntimeError('chapter broke')")])
     nbformat.write(ok, nbs / "00_tiny.ipynb"); nbformat.write(bad, nbs / "01_bad.ipynb")
     env = {**__import__("os").environ, "TLTUTOR_RESULTS": str(tmp_path / "_results")}
@@ -61,3 +61,19 @@ def test_course_runs_chapters_and_reports_failures(tmp_path):
     runs = json.loads((tmp_path / "site" / "runs.json").read_text())
     assert [r["ok"] for r in runs["runs"]] == [True, False]
     assert (tmp_path / "site" / "00_tiny.html").stat().st_size > 1000
+
+
+def test_data_status_and_unknown_dataset():
+    rc, out, _ = cli("data", "digits")
+    assert rc == 0 and "digits" in out and "ok" in out
+    rc, _, err = cli("data", "cifar10")
+    assert rc == 2 and "unknown dataset 'cifar10'" in err and "fashion_mnist" in err
+
+
+def test_doctor_reports_and_exits_nonzero_when_a_source_is_missing(tmp_path):
+    env = {**__import__("os").environ, "TLTUTOR_HOME": str(tmp_path / "home"),
+           "TLTUTOR_NOTO_DIR": str(tmp_path / "no-fonts")}  # fresh cache, and the Noto fonts "not installed"
+    rc, out, err = cli("doctor", env=env)
+    assert rc == 1, (out, err)
+    assert "torch" in out and "device" in out and "datasets:" in out and "backbones:" in out
+    assert "the course cannot run" in err and "glyphs is missing" in err and "fonts-noto-core" in err

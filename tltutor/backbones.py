@@ -27,7 +27,7 @@ from .core import default_device
 # %% auto #0
 __all__ = ['BACKBONES', 'PREPARE_CMD', 'WeightsUnavailable', 'sha256_file', 'status', 'prepare', 'weights_meta', 'check_images',
            'pretrained', 'layer_groups', 'replace_head', 'to_chw', 'predict_labels', 'FeatureExtractor',
-           'feature_extractor', 'BackboneSummary', 'summary', 'throughput']
+           'feature_extractor', 'block_features', 'BackboneSummary', 'summary', 'throughput']
 
 # %% ../nbs/02_backbones.ipynb #e30c0c13
 BACKBONES = ("mobilenet_v2", "efficientnet_lite0")  # the backbones that work offline
@@ -302,7 +302,7 @@ def predict_labels(model: nn.Module, images, name: str = "mobilenet_v2", k: int 
     top = probs.topk(k, dim=1)
     return [[(meta["categories"][i], p) for p, i in zip(ps.tolist(), ix.tolist())] for ps, ix in zip(top.values, top.indices)]
 
-# %% ../nbs/02_backbones.ipynb #11be8d10
+# %% ../nbs/02_backbones.ipynb #5e3caa2d
 def _out_channels(module: nn.Module) -> int:
     for m in reversed(list(module.modules())):
         if isinstance(m, nn.BatchNorm2d): return m.num_features
@@ -336,7 +336,22 @@ def feature_extractor(model: nn.Module, layer: str | None = None) -> FeatureExtr
     conv = _first_conv(model)
     return FeatureExtractor(keep, conv.in_channels if conv is not None else 3).train(model.training)
 
-# %% ../nbs/02_backbones.ipynb #0d86c642
+def block_features(model: nn.Module, x: torch.Tensor, layers=None) -> dict:
+    "Pooled `(N, D)` features after each block in `layers` (default: all but the head), from ONE forward pass."
+    fe = feature_extractor(model)
+    names = list(fe.blocks)
+    layers = names if layers is None else [layers] if isinstance(layers, str) else list(layers)
+    bad = [l for l in layers if l not in names]
+    if bad: raise ValueError(f"layers {bad} are not blocks of this {type(model).__name__}; choose from {names}.")
+    check_images(x, fe.in_channels)
+    out = {}
+    for name, block in fe.blocks.items():
+        x = block(x)
+        if name in layers: out[name] = x.mean(dim=(2, 3))
+        if len(out) == len(layers): break
+    return out
+
+# %% ../nbs/02_backbones.ipynb #6f3543f7
 class BackboneSummary:
     "Rows of `summary`: one dict per group (`group`, `params`, `trainable_params`, `trainable`, `output`), printable."
     def __init__(self, title: str, rows: list): self.title, self.rows = title, rows
@@ -380,7 +395,7 @@ def summary(model: nn.Module, input_size: int | None = None) -> BackboneSummary:
             for m, t in modes.items(): m.training = t
     return BackboneSummary(f"{type(model).__name__}: {len(groups)} groups", rows)
 
-# %% ../nbs/02_backbones.ipynb #a3019206
+# %% ../nbs/02_backbones.ipynb #f009379b
 @torch.no_grad()
 def throughput(model: nn.Module, size: int = 64, batch_size: int = 32, batches: int = 3, device=None) -> float:
     "Images per second through `feature_extractor(model)` at `size` px (after one warm-up batch)."

@@ -22,7 +22,7 @@ from .core import atomic_write_text, default_device, project_root
 
 # %% auto #0
 __all__ = ['format_status', 'doctor_report', 'list_chapters', 'resolve_chapters', 'chapter_title', 'run_chapter', 'site_index',
-           'build_course', 'main']
+           'result_names', 'build_course', 'main']
 
 # %% ../nbs/90_cli.ipynb #e6831add
 def _status_rows(module: str, names=None) -> list[dict]:
@@ -157,7 +157,13 @@ def site_index(runs: list[dict], results: dict, nbs: Path) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>tltutor course</title><style>{style}</style></head>"
             f"<body>{table}<hr>{_intro_html(Path(nbs))}</body></html>")
 
-# %% ../nbs/90_cli.ipynb #fe8f6a0d
+# %% ../nbs/90_cli.ipynb #3ba4ff5d
+def result_names(path: Path) -> list[str]:
+    "The names a chapter may `record` under: its stem (`10_feature_extraction`) or its name (`feature_extraction`)."
+    stem = Path(path).stem
+    name = stem.split("_", 1)[1] if re.match(r"^\d+_", stem) else stem
+    return [stem] if name == stem else [name, stem]
+
 def _check_out_dir(out: Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir(): raise ValueError(f"--out {str(out)!r} is a file, not a folder; choose another path.")
@@ -178,17 +184,18 @@ def build_course(chapters=None, out="_site", nbs=None, timeout: int = 900, progr
     bar = tqdm(paths, desc="course", unit="chapter", disable=not progress)
     for p in bar:
         bar.set_postfix(chapter=p.stem)
-        (res_dir / f"{p.stem}.json").unlink(missing_ok=True)  # never show a stale result as this run's
+        files = [res_dir / f"{n}.json" for n in result_names(p)]
+        for f in files: f.unlink(missing_ok=True)  # never show a stale result as this run's
         r = run_chapter(p, out, timeout=timeout)
         runs.append(r)
-        f = res_dir / f"{p.stem}.json"
-        if f.exists(): results[p.stem] = json.loads(f.read_text())
+        for f in files:
+            if f.exists(): results[p.stem] = json.loads(f.read_text())
         bar.write(f"{p.stem:<28} {'ok' if r['ok'] else 'FAILED'} {r['seconds']:7.1f} s" + (f"  {r['error']}" if r["error"] else ""))
     atomic_write_text(out / "index.html", site_index(runs, results, nbs))
     atomic_write_text(out / "runs.json", json.dumps({"runs": runs, "results": results}, indent=1))
     return runs
 
-# %% ../nbs/90_cli.ipynb #0b09b6c4
+# %% ../nbs/90_cli.ipynb #c641dff2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tltutor", description="tltutor: a hands-on, offline course on transfer learning.")
     sub = p.add_subparsers(dest="command", metavar="{doctor,data,course}")
@@ -217,8 +224,12 @@ def _data(args) -> int:
         print(f"tltutor data: unknown dataset {', '.join(map(repr, unknown))}; valid: {', '.join(known)}", file=sys.stderr)
         return 2
     if args.prepare:
-        data.prepare(args.names or None)
-        if not args.names: importlib.import_module("tltutor.backbones").prepare()
+        try:
+            data.prepare(args.names or None)
+            if not args.names: importlib.import_module("tltutor.backbones").prepare()
+        except (RuntimeError, OSError) as e:  # a missing offline source: the message names the install command
+            print(f"tltutor data --prepare: {e}", file=sys.stderr)
+            return 1
     rows = _status_rows("data", args.names or None)
     print(format_status(rows))
     return 0 if all(r["available"] for r in rows) else 1

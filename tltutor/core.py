@@ -294,7 +294,7 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
     finally: bar.close()
     return s.history
 
-# %% ../nbs/00_core.ipynb #af8a3910
+# %% ../nbs/00_core.ipynb #8a2b78fd
 _IMPORT_TIME = time.time()
 
 def project_root(start=None) -> Path:
@@ -338,6 +338,8 @@ def atomic_write_text(path, text: str):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)

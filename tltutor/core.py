@@ -210,7 +210,7 @@ def _check_callbacks(callbacks) -> list:
             raise TypeError(f"callback {cb!r} has none of the hook methods {_HOOKS}.")
     return sorted(callbacks, key=lambda cb: getattr(cb, "order", 0))
 
-# %% ../nbs/00_core.ipynb #03d4312a
+# %% ../nbs/00_core.ipynb #630f1025
 def _make_opt(opt, model, lr):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params: raise ValueError("the model has no trainable parameters (all requires_grad=False): unfreeze something.")
@@ -263,7 +263,7 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
                 hook("before_batch")
                 with _autocast(device, amp):
                     s.out = model(s.xb)
-                    try: s.loss = loss_fn(s.out, s.yb)
+                    try: s.loss = s.loss_fn(s.out, s.yb)  # a callback may swap state.loss_fn
                     except (RuntimeError, IndexError, ValueError) as e:
                         if s.step == 0: raise _first_batch_error(e, s.out, s.yb) from e
                         raise
@@ -283,7 +283,7 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
                 if s.stop: break
             row = {"epoch": s.epoch, "train_loss": total / max(count, 1)}
             if valid_dl is not None:
-                res = evaluate(model, valid_dl, metrics=fns.values() and list(fns.values()), loss_fn=loss_fn, device=device, amp=amp)
+                res = evaluate(model, valid_dl, metrics=list(fns.values()), loss_fn=s.loss_fn, device=device, amp=amp)
                 row["valid_loss"] = res.pop("loss"); row.update(res)
             hook("after_epoch")
             row.update(s.log); row["seconds"] = time.perf_counter() - t0

@@ -62,7 +62,7 @@ def doctor_report() -> tuple[str, list[str]]:
     lines.append("course can run: " + ("yes" if not problems else "NO"))
     return "\n".join(lines), problems
 
-# %% ../nbs/90_cli.ipynb #b6476462
+# %% ../nbs/90_cli.ipynb #b3be5ba8
 def list_chapters(nbs: Path | str = None) -> list[Path]:
     "The chapter notebooks (`NN_name.ipynb`, in order) of the `nbs` folder (default: the project's `nbs/`)."
     nbs = Path(nbs) if nbs is not None else project_root() / "nbs"
@@ -86,7 +86,7 @@ def chapter_title(nb) -> str:
     for cell in nb.cells:
         if cell.cell_type != "markdown": continue
         m = re.search(r"^title:\s*(.+)$", cell.source, re.M) or re.search(r"^#\s+(.+)$", cell.source, re.M)
-        if m: return m.group(1).strip()
+        if m: return m.group(1).strip().strip("\"'")  # front matter may quote the title
     return ""
 
 # %% ../nbs/90_cli.ipynb #c9928e42

@@ -353,16 +353,17 @@ def block_features(model: nn.Module, x: torch.Tensor, layers=None) -> dict:
 
 # %% ../nbs/02_backbones.ipynb #6f3543f7
 class BackboneSummary:
-    "Rows of `summary`: one dict per group (`group`, `params`, `trainable_params`, `trainable`, `output`), printable."
+    "Rows of `summary`: one dict per group (`group`, `params`, `trainable_params`, `trainable`, then any extra columns such as `output`), printable."
     def __init__(self, title: str, rows: list): self.title, self.rows = title, rows
 
     def __str__(self):
-        cols = ["group", "params", "trainable_params", "trainable"] + (["output"] if "output" in self.rows[0] else [])
+        extra = [c for c in self.rows[0] if c not in ("group", "params", "trainable_params", "trainable")]
+        cols = ["group", "params", "trainable_params", "trainable"] + extra     # e.g. output, frozen_bn
         cells = [[f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols] for r in self.rows]
         tot = sum(r["params"] for r in self.rows), sum(r["trainable_params"] for r in self.rows)
-        cells.append(["total", f"{tot[0]:,}", f"{tot[1]:,}", ""] + ([""] if len(cols) == 5 else []))
+        cells.append(["total", f"{tot[0]:,}", f"{tot[1]:,}", ""] + [""] * len(extra))
         w = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-        fmt = lambda row: "  ".join(v.ljust(w[i]) if i in (0, 3, 4) else v.rjust(w[i]) for i, v in enumerate(row)).rstrip()
+        fmt = lambda row: "  ".join(v.rjust(w[i]) if i in (1, 2) else v.ljust(w[i]) for i, v in enumerate(row)).rstrip()
         return "\n".join([self.title, fmt(cols), fmt(["-" * n for n in w])] + [fmt(r) for r in cells])
 
     __repr__ = __str__

@@ -103,10 +103,10 @@ def cache_teacher(teacher: nn.Module, dataset, teacher_transform=None, batch_siz
     if teacher_transform is not None and not callable(teacher_transform):
         raise TypeError(f"teacher_transform must be callable on a batch of images, e.g. backbone_transform(48).")
     _teacher_eval_warning(teacher)
-    dl = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    xs = torch.cat([b[0] for b in dl])
-    logits, ys = predict(_Prepared(teacher, teacher_transform),
-                         tqdm(dl, desc="teacher logits", disable=not progress, leave=False), device=device)
+    xs, ys = (torch.cat(t) for t in zip(*[b[:2] for b in DataLoader(dataset, batch_size=batch_size)]))  # one pass
+    dl = DataLoader(TensorDataset(xs, ys), batch_size=batch_size)
+    logits, _ = predict(_Prepared(teacher, teacher_transform),
+                        tqdm(dl, desc="teacher logits", disable=not progress, leave=False), device=device)
     return TensorDataset(xs, ys, logits)
 
 # %% ../nbs/16_distillation.ipynb #51407729

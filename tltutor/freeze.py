@@ -12,13 +12,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from .backbones import layer_groups, summary
+from .backbones import BackboneSummary, layer_groups, summary
 from .core import Callback, default_device
 from .finetune import discriminative_param_groups
 
 # %% auto #0
-__all__ = ['group_index', 'freeze_bn', 'unfreeze_bn', 'freeze', 'unfreeze', 'TrainableTable', 'trainable', 'optimizer_for',
-           'check_optimizer', 'GradualUnfreezing', 'TopModel', 'PrefixCache', 'cache_frozen_prefix', 'bn_drift']
+__all__ = ['group_index', 'freeze_bn', 'unfreeze_bn', 'freeze', 'unfreeze', 'trainable', 'optimizer_for', 'check_optimizer',
+           'GradualUnfreezing', 'TopModel', 'PrefixCache', 'cache_frozen_prefix', 'bn_drift']
 
 # %% ../nbs/12_freezing.ipynb #91e4620c
 def group_index(model: nn.Module, key) -> int:
@@ -104,26 +104,13 @@ def unfreeze(model: nn.Module, from_=0) -> nn.Module:
     return model
 
 # %% ../nbs/12_freezing.ipynb #5d7a60a9
-class TrainableTable:
-    "Rows of `trainable`: `group`, `params`, `trainable_params`, `trainable` (yes/no/partly/-) and `frozen_bn` (k/n)."
-    def __init__(self, rows: list): self.rows = rows
-    def __str__(self):
-        cols = ["group", "params", "trainable_params", "trainable", "frozen_bn"]
-        cells = [[f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols] for r in self.rows]
-        tot = sum(r["params"] for r in self.rows), sum(r["trainable_params"] for r in self.rows)
-        cells.append(["total", f"{tot[0]:,}", f"{tot[1]:,}", "", ""])
-        w = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-        fmt = lambda row: "  ".join(v.rjust(w[i]) if i in (1, 2) else v.ljust(w[i]) for i, v in enumerate(row)).rstrip()
-        return "\n".join([fmt(cols)] + [fmt(r) for r in cells])
-    __repr__ = __str__
-
-def trainable(model: nn.Module) -> TrainableTable:
-    "Per layer group of `model`: parameters, trainable parameters, a yes/no/partly flag and how many BatchNorm layers are locked."
+def trainable(model: nn.Module) -> BackboneSummary:
+    "`summary` of `model` with one more column, `frozen_bn`: how many BatchNorm layers of each group are locked (k/n)."
     rows = summary(model).rows
     for row, (_, g) in zip(rows, layer_groups(model)):
         bns = _bn_layers(g)
         row["frozen_bn"] = f"{sum(_lock_of(b) is not None for b in bns)}/{len(bns)}" if bns else "-"
-    return TrainableTable(rows)
+    return BackboneSummary(f"{type(model).__name__}: {len(rows)} groups", rows)
 
 # %% ../nbs/12_freezing.ipynb #c9295739
 def optimizer_for(model: nn.Module, lr_lo: float = 1e-3, lr_hi: float = 1e-3, old: torch.optim.Optimizer | None = None,

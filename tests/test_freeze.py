@@ -254,6 +254,24 @@ def test_training_on_the_cache_equals_training_the_network():
     assert torch.allclose(bn_stats(a), bn_stats(b), atol=1e-5)   # the unfrozen BN layers trained identically too
 
 
+def test_gradual_unfreezing_on_a_cached_top():
+    # a PrefixCache top names its own layer groups, so the schedule runs on it alone; the cached prefix stays frozen
+    seed_everything(0)
+    m, cnt = freeze(mnet(), upto="stage5"), Count()
+    c = cache_frozen_prefix(m, images())
+    assert [n for n, _ in layer_groups(c.top)] == ["stage6", "stage7", "final_conv", "head"]
+    prefix = [p for n, g in layer_groups(m)[:6] for p in g.parameters()]            # stem..stage5
+    before = [p.detach().clone() for p in prefix]
+    stage6 = dict(layer_groups(m))["stage6"][0].conv[0][0].weight
+    stage6_0 = stage6.detach().clone()
+    h = fit(c.top, DataLoader(c.dataset, batch_size=4), epochs=4, progress=False, metrics=None,
+            callbacks=[GradualUnfreezing(every=1, start=1, step=1), cnt])
+    assert h["unfrozen"] == [1, 2, 3, 4]
+    assert cnt.groups[-1] == ["stage6", "stage7", "final_conv", "head"]
+    assert all(torch.equal(p, q) for p, q in zip(prefix, before)) and not any(p.requires_grad for p in prefix)
+    assert not torch.equal(stage6, stage6_0)                      # released in the last epoch, it trained in place
+
+
 def test_cache_bad_inputs():
     ds = images()
     m = mnet()

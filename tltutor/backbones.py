@@ -247,11 +247,13 @@ def _arch(model: nn.Module) -> str:
     if type(model).__name__ == "EfficientNet" and hasattr(model, "_blocks") and hasattr(model, "_conv_stem"):
         return "efficientnet_lite"
     raise TypeError(f"layer_groups knows MobileNetV2, EfficientNet(-Lite) (efficientnet_lite_pytorch) and ResNet models, "
-                    f"not {type(model).__name__}. For another model, list its blocks yourself, e.g. "
-                    "list(model.named_children()).")
+                    f"not {type(model).__name__}. For another model, give it a layer_groups() method that returns its "
+                    "(name, module) blocks, or list them yourself, e.g. list(model.named_children()).")
 
 def layer_groups(model: nn.Module) -> list:
-    "The ordered `(name, module)` blocks of `model`: `stem`, `stage1`..., `final_conv` (if any), `head`."
+    """The ordered `(name, module)` blocks of `model`: `stem`, `stage1`..., `final_conv` (if any), `head`. A model
+    with a `layer_groups()` method of its own (e.g. `tltutor.freeze.TopModel`) lists its blocks itself."""
+    if callable(getattr(type(model), "layer_groups", None)): return list(model.layer_groups())   # a method, not a submodule
     arch = _arch(model)
     if arch == "mobilenet_v2":
         f = model.features

@@ -1,11 +1,24 @@
-"""Make nbval obey nbdev's conventions (DESIGN.md section 5).
+"""Make nbval obey nbdev's conventions (DESIGN.md section 5), and keep test runs fast and machine-independent.
 
 - cells marked `#| eval: false`, or with one of settings.ini's `tst_flags` (`#| notest`, `#| slow`), are skipped;
 - notebooks whose name starts with `_` are not collected;
 - cells that `nbdev_clean` left with outputs but `execution_count: null` get a count, so their outputs are still
-  compared (nbval otherwise treats them as never run and fails with "Unrun reference cell has outputs").
+  compared (nbval otherwise treats them as never run and fails with "Unrun reference cell has outputs");
+- every process of a test run (pytest, its xdist workers and the notebook kernels they start) computes on ONE thread,
+  so trained numbers do not depend on the machine's core count; parallelism comes from running notebooks side by side
+  (pytest-xdist, `--dist loadfile`, one worker per core: see pytest.ini);
+- notebooks start longest-budget first, and the run ends with a table of each notebook's seconds against its budget
+  (`nbs/budgets.csv`); a notebook over 1.5x its budget fails the run (a regression guard, not a benchmark).
 """
+import os
+
+# Before anything imports torch or numpy: kernels inherit these, so nbval's kernels run on one thread too.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import csv
 import re
+from collections import defaultdict
 from configparser import ConfigParser
 from pathlib import Path
 
@@ -41,6 +54,7 @@ def pytest_ignore_collect(collection_path, config):
 
 
 def pytest_collection_modifyitems(session, config, items):
+    _sort_longest_first(items)
     # notebooks named on the command line bypass pytest_ignore_collect: drop `_*` notebooks here too
     drafts = [it for it in items if it.path.suffix == ".ipynb" and it.path.name.startswith("_")]
     if drafts:
@@ -55,3 +69,71 @@ def pytest_collection_modifyitems(session, config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
         elif cell.get("execution_count") is None and cell.get("outputs"):
             cell["execution_count"] = item.cell_num + 1
+
+
+# --- parallel runs, budgets ---------------------------------------------------------------------------------------
+ROOT = Path(__file__).parent
+BUDGETS_FILE = ROOT / "nbs" / "budgets.csv"
+OVER_BUDGET_FACTOR = 1.5
+
+
+def read_budgets(path=BUDGETS_FILE) -> dict:
+    "`notebook file name -> budget seconds` from the one table of budgets."
+    if not Path(path).exists(): return {}
+    with open(path, newline="") as f:
+        return {r["notebook"]: float(r["budget_s"]) for r in csv.DictReader(f) if r.get("notebook")}
+
+
+def pytest_xdist_auto_num_workers(config):
+    "`-n auto` = the cores this process may use (`taskset -c 0 make test` runs one worker)."
+    try: return len(os.sched_getaffinity(0))
+    except AttributeError: return os.cpu_count() or 1
+
+
+def _sort_longest_first(items):
+    "Notebooks with the largest budgets first (they set the run's length), then the rest in collection order."
+    budgets = read_budgets()
+    rank = {p: -budgets.get(Path(p).name, 0.0) for p in {str(it.path) for it in items} if p.endswith(".ipynb")}
+    items.sort(key=lambda it: rank.get(str(it.path), 0.0))  # stable: cells keep their order
+
+
+class _NotebookClock:
+    "Adds up each notebook's seconds (kernel start + every cell) from the test reports, on the controlling process."
+    def __init__(self): self.seconds, self.failed = defaultdict(float), set()
+
+    def pytest_runtest_logreport(self, report):
+        path = report.nodeid.split("::")[0]
+        if not path.endswith(".ipynb"): return
+        self.seconds[path] += report.duration
+        if report.failed: self.failed.add(path)
+
+    def rows(self):
+        budgets = read_budgets()
+        for path, secs in sorted(self.seconds.items()):
+            budget = budgets.get(Path(path).name)
+            status = ("no budget" if budget is None else
+                      "OVER 1.5x" if secs > OVER_BUDGET_FACTOR * budget else "over" if secs > budget else "ok")
+            yield path, secs, budget, status
+
+    def pytest_terminal_summary(self, terminalreporter):
+        rows = list(self.rows())
+        if not rows: return
+        tr = terminalreporter
+        tr.section("notebook seconds against budgets (nbs/budgets.csv)")
+        tr.write_line(f"{'notebook':40s} {'seconds':>8s} {'budget':>7s}  status")
+        for path, secs, budget, status in rows:
+            tr.write_line(f"{path:40s} {secs:8.1f} {'-' if budget is None else f'{budget:.0f}':>7s}  {status}")
+        tr.write_line(f"{'total (cpu-seconds of notebooks)':40s} {sum(r[1] for r in rows):8.1f}")
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        over = [r for r in self.rows() if r[3] == "OVER 1.5x"]
+        if over and exitstatus == 0:
+            print("\nerror: " + ", ".join(f"{p} took {s:.0f} s (budget {b:.0f} s)" for p, s, b, _ in over) +
+                  f": more than {OVER_BUDGET_FACTOR}x the budget in nbs/budgets.csv. Make the notebook cheaper "
+                  "(cache, fewer epochs, smaller subsets) or, with a reason in review, raise its budget.")
+            session.exitstatus = 1
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controlling process (or a run without xdist)
+        config.pluginmanager.register(_NotebookClock(), "tltutor-notebook-clock")

@@ -18,13 +18,14 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 STAMP := $(VENV)/.tltutor-installed
 NBS ?= nbs/index.ipynb $(sort $(wildcard nbs/[0-9]*.ipynb))
 
-.PHONY: help install system-data prepare test sync-check readme-check course lab refresh readme clean
+.PHONY: help install system-data prepare test test-lib sync-check readme-check course lab refresh readme clean
 
 help:
 	@echo "make test    - set up everything (venv, packages, offline data) and run pytest + nbval (what CI runs)"
 	@echo "make course  - same set-up, then execute every chapter into _site/ (open _site/index.html)"
 	@echo "make install - the set-up alone (idempotent)"
 	@echo "make lab     - JupyterLab on nbs/        make refresh - re-execute notebooks to update stored outputs"
+	@echo "make test-lib - the quick loop: tests/ only, no notebooks"
 
 # --- set-up -----------------------------------------------------------------------------------------------------
 $(STAMP): setup.py settings.ini
@@ -61,6 +62,10 @@ install: $(STAMP) system-data prepare
 test: install sync-check readme-check
 	$(PY) -m pytest
 
+# The contributors' quick loop: the library's tests alone (no notebooks).
+test-lib: install
+	$(PY) -m pytest tests
+
 # nbs/ is the source: exporting must not change tltutor/ (works on a clean checkout and on a dirty work tree alike).
 sync-check: $(STAMP)
 	@tmp=$$(mktemp -d); cp -r tltutor "$$tmp/before"; \
@@ -84,8 +89,11 @@ lab: install
 	$(BIN)/jupyter lab nbs
 
 # Re-execute notebooks with a real kernel (stored outputs are what nbval compares), then clean them the nbdev way.
+# Like the tests: one thread per kernel (so stored numbers are the ones a test run computes), one kernel per core.
+# One notebook: make refresh NBS=nbs/17_dann.ipynb
 refresh: install
-	$(BIN)/jupyter nbconvert --log-level=WARN --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 $(NBS)
+	printf '%s\n' $(NBS) | OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 xargs -P $$(nproc) -n 1 \
+	  $(BIN)/jupyter nbconvert --log-level=WARN --to notebook --execute --inplace --ExecutePreprocessor.timeout=900
 	$(BIN)/nbdev_clean
 	$(BIN)/nbdev_export
 	$(MAKE) readme

@@ -7,7 +7,8 @@ nowhere in the same notebook's stored outputs.
 What is checked (a "claim"):
 - every decimal number (`0.787`, `7.5`);
 - every integer followed by a unit that only a measurement gives: `%`, `points`/`point`/`pp`, a multiplier (`22x`,
-  `22×`, `22 times`; not a size `1280 x 10`), a time (`552 s`, `3 ms`, `2 minutes`).
+  `22×`, `22 times`; not a size `1280 x 10`), a time (`552 s`, `3 ms`, `2 minutes`), a count in millions
+  (`3.5M`, `2.24 million`).
   Plain integers (counts, sizes, seeds, epochs, chapter numbers, years, `3-fold` cross-validation) are settings, not
   claims, and are not checked; nor is a confidence level (`95 % interval`).
 - Ranges (`0.67-0.69`, `0.5-1.5 points`, `1-5 minutes`) are checked at both ends, with the unit of the range.
@@ -19,7 +20,8 @@ How a claim matches a stored output number o (any number printed in a cell's sto
 - a percentage or a number of points also matches a printed fraction times 100 (`82 %` <- `0.817`,
   `+7.5 points` <- `+0.075`, `10.4-point gap` <- `0.104`), and a printed percentage (`72%`);
 - a time in minutes matches a printed number of seconds divided by 60 (`10 minutes` <- `593 s`), in ms a printed
-  number of seconds times 1000; a multiplier matches any printed number (`59x` <- `58.9`).
+  number of seconds times 1000; millions match a printed count (`3.5M` <- `3,504,872`); a multiplier matches any
+  printed number (`59x` <- `58.9`).
 So a difference or a ratio quoted in prose ("+7.5 points", "22x") must be printed by a cell.
 
 What is not a claim (not checked):
@@ -29,7 +31,7 @@ What is not a claim (not checked):
 - headings, link targets, HTML tags, the front matter;
 - numbers glued to a name (`MobileNetV2`, `CIFAR-10`, `resnet8x4`, `float16`, `v2.1`) and version strings (`2.4.14`);
 - literature numbers: a sentence that carries a citation, "(Author et al., 2015)", "(Author and Author, 2015)",
-  "(Author, NeurIPS 2019)", "Author et al. (2015)" or "Author, Venue 2015", is the literature's, and its numbers are
+  "(Author, NeurIPS 2019)", "Author et al. (2015)" or "Author, Venue Name 2015", is the literature's, and its numbers are
   not checked. Keep our own numbers out of such sentences.
 """
 import json
@@ -74,9 +76,9 @@ def output_numbers(nb) -> list:
 
 # --- prose ---------------------------------------------------------------------------------------------------------
 _CITATION = re.compile(
-    r"[A-Z][\w'’\-]+(?: et al\.?| and [A-Z][\w'’\-]+)?(?:'s)?,? (?:\(|[A-Z][\w\-]*,? )?(?:19|20)\d\d[a-z]?\b")
+    r"[A-Z][\w'’\-]+(?: et al\.?| and [A-Z][\w'’\-]+)?(?:'s)?,? (?:\(|(?:[A-Z][\w\-]*,? ){1,3})?(?:19|20)\d\d[a-z]?\b")
 _UNIT = (r"(?P<unit>\s?%(?!\s?(?:interval|confidence|CI)\b)|\s?-?(?:percentage )?points?\b|\s?pp\b|\s?[x×](?![\w])(?!\s?\d)"
-         r"|\s(?:times)\b|\s?ms\b|\s?s\b|\s?(?:minutes?|min)\b)")
+         r"|\s(?:times)\b|\s?ms\b|\s?s\b|\s?(?:minutes?|min)\b|\s?M\b|\smillion\b)")
 _NUM = r"\d+(?:\.\d+)?"
 _CLAIM = re.compile(rf"(?<![\w.\-/])(?<![A-Za-z]-)(?P<a>{_NUM})(?:\s?(?:-|–|to)\s?(?P<b>{_NUM}))?(?![\w.]*\.\d)(?:{_UNIT})?")
 
@@ -125,6 +127,7 @@ def _kind(unit: str) -> str:
     if unit == "ms": return "ms"
     if unit == "s": return "s"
     if unit.startswith("min"): return "min"
+    if unit in ("m", "million"): return "million"
     return ""
 
 
@@ -146,6 +149,7 @@ def matches(value: float, dec: int, unit: str, numbers) -> bool:
         else:
             cands = [(o, o_dec)]
             if kind == "pct" and o_unit != "%": cands.append((o * 100, max(o_dec - 2, 0)))   # a fraction, in points
+            if kind == "million": cands = [(o / 1e6, 9)]                                       # 3,504,872 -> 3.5M
         if any(_rounds_to(c, c_dec, value, dec) for c, c_dec in cands): return True
     return False
 

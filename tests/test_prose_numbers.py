@@ -19,10 +19,11 @@ How a claim matches a stored output number o (any number printed in a cell's sto
 - signs are ignored (`+7.5 points` <- `-0.075` or `+0.075`): the sentence says which way;
 - a percentage or a number of points also matches a printed fraction times 100 (`82 %` <- `0.817`,
   `+7.5 points` <- `+0.075`, `10.4-point gap` <- `0.104`), and a printed percentage (`72%`);
-- a time in minutes matches a printed number of seconds divided by 60 (`10 minutes` <- `593 s`), in ms a printed
-  number of seconds times 1000; millions match a printed count (`3.5M` <- `3,504,872`); a multiplier matches any
+- a time matches only a printed time (a number followed by `s` or `ms`): minutes a printed number of seconds divided
+  by 60 (`10 minutes` <- `593 s`), ms a printed number of seconds times 1000; millions match a printed count (`3.5M` <- `3,504,872`); a multiplier matches any
   printed number (`59x` <- `58.9`).
-So a difference or a ratio quoted in prose ("+7.5 points", "22x") must be printed by a cell.
+So a difference or a ratio quoted in prose ("+7.5 points", "22x") must be printed by a cell, and a timing quoted in
+prose must be re-read after every refresh of its notebook (this test then points at it).
 
 What is not a claim (not checked):
 - maths (`$...$`, `$$...$$`) and code (`` `...` ``, fenced blocks): formulas, hyperparameters and settings are written

@@ -12,7 +12,7 @@ import pytest
 from nbformat import v4 as N
 
 from tltutor.cli import build_course, main
-from tltutor.website import chromium_path, dump_dom, flatten, mathjax_tarball, remote_refs
+from tltutor.website import chromium_path, dump_dom, flatten, mathjax_tarball, remote_refs, requested_urls
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,10 +34,10 @@ def _show_doc_md() -> str:
     return show_doc(seed_everything)._repr_markdown_()
 
 
-def small_course(tmp: Path) -> Path:
+def small_course(tmp: Path, sources: bool = True) -> Path:
     "A project folder with three small notebooks (index + two chapters) whose outputs are stored, never executed."
     (tmp / "settings.ini").write_text("[DEFAULT]\nlib_name = tltutor\n")
-    (tmp / "tltutor").symlink_to(ROOT / "tltutor")  # the source pages show_doc links to
+    if sources: (tmp / "tltutor").symlink_to(ROOT / "tltutor")  # the source pages show_doc links to
     nbs = tmp / "nbs"; nbs.mkdir()
     index = N.new_notebook(cells=[
         N.new_markdown_cell("# A tiny course\n\n> Two chapters, to test the site."),
@@ -125,15 +125,19 @@ def test_chapter_page_clean(site):
 def test_in_headless_chromium(site):
     out, _, _ = site
     t0 = time.perf_counter()
-    dom = dump_dom(out / "00_probe.html")  # network blocked: only the site's own files can load
+    dom = dump_dom(out / "00_probe.html", net_log=out.parent / "net.json")  # network blocked; every request logged
+    assert requested_urls(out.parent / "net.json") == []  # nothing left the machine
     typeset = dom.count("<mjx-container")
     assert typeset >= 2, f"MathJax typeset {typeset} equations; the page shows raw TeX"
     assert 'display="true"' in dom  # the display equation too
     text = visible_text(dom)
     assert "#|" not in text and "\\frac" not in text and "\\phi" not in text, text[:500]
     assert 'id="sidebar"' in dom and "Probe" in text
-    loss = dump_dom(out / "01_loss.html")
-    assert loss.count("<mjx-container") >= 2 and 'id="sidebar"' in loss
+    # the check can fail: a page with a CDN script shows its request in the log (and raw TeX)
+    cdn = out.parent / "cdn.html"
+    cdn.write_text('<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-svg.js"></script><p>$x^2$</p>')
+    assert "<mjx-container" not in dump_dom(cdn, net_log=out.parent / "cdn.json")
+    assert requested_urls(out.parent / "cdn.json") == ["https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-svg.js"]
     png = out / "screenshot.png"
     assert png.exists(), "build_course saves a screenshot of the front page when Chromium is installed"
     from PIL import Image
@@ -145,7 +149,7 @@ def test_in_headless_chromium(site):
 def test_cli_no_execute(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TLTUTOR_RESULTS", str(tmp_path / "_results"))
     monkeypatch.setattr("tltutor.website.chromium_path", lambda: None)  # no screenshot: the test above took one
-    nbs = small_course(tmp_path)
+    nbs = small_course(tmp_path, sources=False)
     assert main(["course", "--nbs", str(nbs), "--out", str(tmp_path / "s"), "--no-execute", "--chapters", "01"]) == 0
     assert "1 of 1 chapters rendered from stored outputs" in capsys.readouterr().out
     assert (tmp_path / "s" / "01_loss.html").exists() and (tmp_path / "s" / "index.html").exists()

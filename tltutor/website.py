@@ -454,7 +454,7 @@ class CourseSite:
         timing = f" &middot; {secs:.0f} s" if isinstance(secs, (int, float)) else ""
         table = f"<details><summary>all recorded results</summary>{results_table(res)}</details>" if flatten(res) else ""
         return (f"<article class='card' id='card-{stem}'><h3><a href='{stem}.html'>{html.escape(stem.partition('_')[0])} "
-                f"&middot; {html.escape(name)}</a></h3><p class='question'>{html.escape(question)}</p>"
+                f"&middot; {_inline_md(name)}</a></h3><p class='question'>{_inline_md(question)}</p>"
                 + (f"<p class='answer'>{_inline_md(answer)}</p>" if answer else "") + thumb
                 + f"<div class='meta'>{status}{timing}</div>{table}</article>")
 

@@ -248,7 +248,10 @@ def remote_refs(html_text: str) -> list[str]:
     refs = re.findall(r"<(?:script|img|iframe|source|video|audio|embed)\b[^>]*\bsrc\s*=\s*['\"]?((?:https?:)?//[^'\" >]+)", html_text, re.I)
     refs += [h for tag in re.findall(r"<link\b[^>]*>", html_text, re.I) if re.search(r"stylesheet|preload|icon", tag, re.I)
              for h in re.findall(r"href\s*=\s*['\"]?((?:https?:)?//[^'\" >]+)", tag, re.I)]
-    refs += re.findall(r"(?:url\(|@import\s+)['\"]?((?:https?:)?//[^'\")\s]+)", html_text, re.I)
+    # CSS: a style sheet, or a page's <style> blocks and style="" attributes (not code shown as text)
+    css = html_text if "<" not in html_text else " ".join(re.findall(r"(?is)<style\b[^>]*>(.*?)</style>", html_text)
+                                                          + re.findall(r"(?i)\bstyle\s*=\s*\"([^\"]*)\"", html_text))
+    refs += re.findall(r"(?:url\(|@import\s+)['\"]?((?:https?:)?//[^'\")\s]+)", css, re.I)
     return refs
 
 # %% ../nbs/91_website.ipynb #7ee4dd55

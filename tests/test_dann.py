@@ -330,3 +330,14 @@ def test_tsne_domains_draws_and_validates():
     assert ax.get_title() == "x"
     with pytest.raises(ValueError, match="one label per row"): tsne_domains(s, t, labels=(np.zeros(3), np.zeros(3)))
     with pytest.raises(ValueError, match="same feature extractor"): tsne_domains(s, t[:, :2])
+
+
+def test_one_gradient_reversal_in_the_package():
+    "The bias audit reuses the DANN chapter's layer, warm-up and discriminator instead of keeping copies."
+    import tltutor.audit as audit
+    import tltutor.dann as dann
+    assert audit.GradientReversal is dann.GradientReversal and audit.grad_reverse is dann.grad_reverse
+    assert audit.dann_lambda is dann.dann_lambda
+    adv = audit.AdversarialDebiasing(nn.Identity(), nn.Identity(), feat_dim=8, n_groups=3, hidden=5)
+    assert isinstance(adv.adversary, DomainDiscriminator) and adv.adversary(torch.randn(2, 8)).shape == (2, 3)
+    assert not hasattr(audit, "_Reverse")

@@ -25,8 +25,8 @@ from .imbalance import balanced_sampler
 # %% auto #0
 __all__ = ['GROUP_METRICS', 'GROUP_NAMES', 'group_labels', 'GroupMetrics', 'group_metrics', 'demographic_parity_difference',
            'equalized_odds_difference', 'worst_class_equalized_odds', 'expected_calibration_error', 'group_calibration',
-           'audit_report', 'plot_group_metrics', 'grad_reverse', 'GradientReversal', 'AdversarialDebiasing',
-           'AdversaryLoss', 'group_balanced_sampler', 'textured_groups', 'audit_model']
+           'audit_report', 'plot_group_metrics', 'AdversarialDebiasing', 'AdversaryLoss', 'group_balanced_sampler',
+           'textured_groups', 'audit_model']
 
 # %% ../nbs/18_bias_audit.ipynb #678dc157
 def _array(a, name: str) -> np.ndarray:
@@ -341,40 +341,11 @@ def plot_group_metrics(audits, metric: str = "accuracy", ax=None, title: str | N
     return ax
 
 # %% ../nbs/18_bias_audit.ipynb #da055a82
-def _check_lambda(lambda_) -> float:
-    if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) or lambda_ < 0:
-        raise ValueError(f"lambda_={lambda_!r} must be a finite number >= 0 (0 turns the reversal off; 1 passes the "
-                         "full negated gradient).")
-    return float(lambda_)
-
-class _Reverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, lambda_):
-        ctx.lambda_ = lambda_
-        return x.view_as(x)
-    @staticmethod
-    def backward(ctx, grad_out): return -ctx.lambda_ * grad_out, None
-
-def grad_reverse(x: torch.Tensor, lambda_: float = 1.0) -> torch.Tensor:
-    "Identity on the way forward; on the way back the gradient is multiplied by `-lambda_`."
-    if not torch.is_tensor(x): raise TypeError(f"grad_reverse needs a tensor; got {type(x).__name__}.")
-    return _Reverse.apply(x, _check_lambda(lambda_))
-
-class GradientReversal(nn.Module):
-    "`grad_reverse` as a layer; `lambda_` (>= 0) can be changed during training, e.g. warmed up from 0."
-    def __init__(self, lambda_: float = 1.0):
-        super().__init__()
-        self.lambda_ = lambda_
-    @property
-    def lambda_(self) -> float: return self._lambda_
-    @lambda_.setter
-    def lambda_(self, value): self._lambda_ = _check_lambda(value)
-    def forward(self, x): return _Reverse.apply(x, self._lambda_)
-    def extra_repr(self) -> str: return f"lambda_={self._lambda_:g}"
+from .dann import DomainDiscriminator, GradientReversal, _check_lambda, dann_lambda, grad_reverse
 
 # %% ../nbs/18_bias_audit.ipynb #ab1abd56
 class AdversarialDebiasing(nn.Module):
-    "`body` -> features -> `head` (task logits); the same features -> `GradientReversal` -> MLP adversary (group logits)."
+    "`body` -> features -> `head` (task logits); the same features -> `GradientReversal` -> `DomainDiscriminator` adversary (group logits)."
     def __init__(self, body: nn.Module, head: nn.Module, feat_dim: int, n_groups: int = 2, hidden: int = 64,
                  lambda_: float = 1.0):
         super().__init__()
@@ -382,7 +353,7 @@ class AdversarialDebiasing(nn.Module):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{nm}={v!r} must be a positive integer.")
         if n_groups < 2: raise ValueError(f"n_groups={n_groups} must be >= 2: the adversary needs groups to tell apart.")
         self.body, self.head, self.grl = body, head, GradientReversal(lambda_)
-        self.adversary = nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_groups))
+        self.adversary = DomainDiscriminator(feat_dim, hidden, n_domains=n_groups)
     def forward(self, x):
         z = self.body(x)
         return self.head(z), self.adversary(self.grl(z))
@@ -402,7 +373,7 @@ class AdversaryLoss(Callback):
     def before_batch(self, s):
         if not s.extra: raise ValueError("AdversaryLoss needs batches (x, y, group): build the dataset as TensorDataset(x, y, group).")
         p = s.step / max(s.total_steps or 1, 1)
-        s.model.grl.lambda_ = self.lambda_max * (2 / (1 + math.exp(-10 * p)) - 1 if self.warmup else 1.0)
+        s.model.grl.lambda_ = self.lambda_max * (dann_lambda(min(p, 1.0)) if self.warmup else 1.0)
     def after_loss(self, s):
         grp = s.extra[0].long()
         adv = F.cross_entropy(s.out[1], grp)

@@ -507,5 +507,8 @@ def write_golden(results=None, folder=None, chapters=None) -> list:
         moved = [r for r in rows if not r["ok"] or not _same(r["golden"], r["now"])]
         shown = path.resolve().relative_to(Path.cwd().resolve()) if path.resolve().is_relative_to(Path.cwd().resolve()) else path.name
         print(f"{shown}: " + (f"{len(moved)} value(s) changed" if old else f"new, {len(values)} values"))
+        for kind in ("exact", "ignore"):  # what the rule decided, for the reviewer of a new or changed file
+            keys = [k for k in values if golden_tolerance(k, values[k], tol) == kind]
+            if keys and (not old or moved): print(f"  {'must be equal' if kind == 'exact' else 'not compared'}: {', '.join(keys)}")
         written.append(path)
     return written

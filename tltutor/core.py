@@ -403,8 +403,9 @@ def golden_tolerance(key: str, golden, tolerances: dict | None = None):
         return {"abs": DEFAULT_ABS, "rel": DEFAULT_REL}
     if spec in ("exact", "ignore"): return spec
     if isinstance(spec, (int, float)) and not isinstance(spec, bool) and spec >= 0: return {"abs": float(spec)}
-    if isinstance(spec, dict) and (set(spec) <= {"abs", "rel"} and spec or set(spec) in ({"std"}, {"std", "k"})):
-        return spec
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+    if isinstance(spec, dict) and spec and set(spec) <= {"abs", "rel"} and all(map(num, spec.values())): return spec
+    if isinstance(spec, dict) and set(spec) in ({"std"}, {"std", "k"}) and num(spec.get("k", 3)): return spec
     raise ValueError(f"tolerance {spec!r} for {key!r} is not one of 'exact', 'ignore', a number (absolute), "
                      "{'abs': a, 'rel': r} or {'std': '<metric holding the seed std>', 'k': 3}.")
 

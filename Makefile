@@ -22,7 +22,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 STAMP := $(VENV)/.tltutor-installed
 NBS ?= nbs/index.ipynb $(sort $(wildcard nbs/[0-9]*.ipynb))
 
-.PHONY: help install system-data browser prepare test test-lib sync-check readme-check course site lab refresh readme clean
+.PHONY: help install system-data browser prepare test test-lib sync-check readme-check course site lab refresh golden readme clean
 
 help:
 	@echo "make test    - set up everything (venv, packages, offline data) and run pytest + nbval (what CI runs)"
@@ -31,6 +31,8 @@ help:
 	@echo "make install - the set-up alone (idempotent)"
 	@echo "make lab     - JupyterLab on nbs/        make refresh - re-execute notebooks to update stored outputs"
 	@echo "make test-lib - the quick loop: tests/ only, no notebooks"
+	@echo "make golden  - rewrite nbs/golden/*.json (the reviewed numbers make test compares each chapter's record() with)"
+	@echo "               from _results/*.json of the last quiet, complete make test; keeps per-metric tolerances"
 
 # --- set-up -----------------------------------------------------------------------------------------------------
 $(STAMP): setup.py settings.ini
@@ -120,6 +122,15 @@ refresh: install
 	$(BIN)/nbdev_clean
 	$(BIN)/nbdev_export
 	$(MAKE) readme
+	@echo "stored outputs refreshed; to update the golden numbers too: a quiet, complete 'make test', then 'make golden'"
+
+# Golden values (DESIGN.md section 5): each chapter's record() numbers, compared by make test within a tolerance per
+# metric (rule: tltutor.core.golden_tolerance; overrides: the "tolerances" of each file, kept here). Run after a quiet,
+# complete `make test` (it writes _results/*.json even where a comparison fails); review and commit `git diff nbs/golden`.
+golden: $(STAMP)
+	@ls _results/*.json >/dev/null 2>&1 || { echo "error: no _results/*.json: run the chapters first (make test)"; exit 1; }
+	$(PY) -c "from tltutor.core import write_golden; write_golden()"
+	@git diff --stat -- nbs/golden || true
 
 readme: $(STAMP)
 	$(BIN)/jupyter nbconvert --log-level=WARN --to markdown nbs/index.ipynb --output-dir . --output README

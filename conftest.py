@@ -7,6 +7,10 @@
 - every process of a test run (pytest, its xdist workers and the notebook kernels they start) computes on ONE thread,
   so trained numbers do not depend on the machine's core count; parallelism comes from running notebooks side by side
   (pytest-xdist, `--dist loadfile`, one worker per core: see pytest.ini);
+- `TLTUTOR_GOLDEN` (inherited by the kernels) points `tltutor.core.record` at `nbs/golden/`: every chapter's recorded
+  numbers are compared with their reviewed golden values there, so a trained number that moved beyond its tolerance
+  fails the notebook even where nbval ignores the cell that prints it (`make golden` rewrites them; an already set
+  value wins, and `TLTUTOR_GOLDEN=` turns the check off);
 - notebooks start longest-budget first, and the run ends with a table of each notebook's seconds against its budget
   (`nbs/budgets.csv`); a notebook over 1.5x its budget fails the run (a regression guard, not a benchmark).
 """
@@ -15,6 +19,9 @@ import os
 # Before anything imports torch or numpy: kernels inherit these, so nbval's kernels run on one thread too.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"
+
+# Kernels inherit this too: record() compares each chapter's results with its golden file (see tltutor.core).
+os.environ.setdefault("TLTUTOR_GOLDEN", os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbs", "golden"))
 
 import csv
 import re

@@ -159,12 +159,16 @@ def test_history_table_and_plot():
 
 def test_record_writes_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TLTUTOR_RESULTS", str(tmp_path))
+    monkeypatch.delenv("TLTUTOR_GOLDEN", raising=False)  # a throw-away chapter: no golden values
     p = record("t_core", acc=np.float64(0.912345), n=torch.tensor(3), groups={"a": 0.1})
     data = json.loads(p.read_text())
     assert data["acc"] == pytest.approx(0.912345) and data["n"] == 3 and data["groups"] == {"a": 0.1}
     assert data["_meta"]["chapter"] == "t_core" and data["_meta"]["seconds"] >= 0
     out = capsys.readouterr().out
     assert "0.912" in out and "groups.a" in out
+    record("t_core", lr=1e-4, tiny=3.14159e-7, zero=0.0)     # small numbers keep their significant digits
+    out = capsys.readouterr().out
+    assert "lr    0.0001" in out and "3.14e-07" in out and "zero  0.0" in out, out
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(ValueError, match="finite"):
         record("t_core", acc=float("nan"))
@@ -172,3 +176,70 @@ def test_record_writes_json(tmp_path, monkeypatch, capsys):
         record("t_core", acc=torch.zeros(3))
     with pytest.raises(ValueError, match="reserved"):
         record("t_core", _meta=1)
+
+
+# --- the arithmetic of fit and evaluate, pinned on tiny problems where the answer is known ----------------------------
+def _grads(model, x, y):
+    "Gradients of the mean cross-entropy of `model` on (x, y), computed directly (not through fit)."
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _data(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g), torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 0, 1][:n])
+
+
+def _sgd(lr): return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+def test_one_sgd_step_is_p_minus_lr_grad():
+    torch.manual_seed(0)
+    x, y = _data(4)
+    model, ref = nn.Linear(3, 3), nn.Linear(3, 3)
+    ref.load_state_dict(model.state_dict())
+    g = _grads(ref, x, y)
+    fit(model, DataLoader(TensorDataset(x, y), batch_size=4), opt=_sgd(0.5), device="cpu", progress=False)
+    for p, p0, gp in zip(model.parameters(), ref.parameters(), g):
+        torch.testing.assert_close(p.detach(), p0.detach() - 0.5 * gp)
+
+
+def test_gradients_do_not_accumulate_across_steps():
+    torch.manual_seed(0)
+    x, y = _data(4)
+    model, ref = nn.Linear(3, 3), nn.Linear(3, 3)
+    ref.load_state_dict(model.state_dict())
+    for sl in (slice(0, 2), slice(2, 4)):  # two steps by hand, each on its own batch's gradient only
+        g = _grads(ref, x[sl], y[sl])
+        with torch.no_grad():
+            for p, gp in zip(ref.parameters(), g): p -= 0.5 * gp
+    fit(model, DataLoader(TensorDataset(x, y), batch_size=2), opt=_sgd(0.5), device="cpu", progress=False)
+    for p, pr in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), pr.detach())
+
+
+def test_epoch_train_loss_is_item_weighted_with_a_short_last_batch():
+    torch.manual_seed(0)
+    x, y = _data(5)                      # batches of 2, 2 and 1 items
+    model = nn.Linear(3, 3)
+    with torch.no_grad(): model.weight.mul_(5)   # batch losses that differ a lot, so the two averages differ
+    per_item = nn.functional.cross_entropy(model(x), y, reduction="none").detach()
+    batch_means = torch.stack([per_item[:2].mean(), per_item[2:4].mean(), per_item[4:].mean()])
+    assert abs(per_item.mean() - batch_means.mean()) > 0.05      # the test can tell them apart
+    dl = DataLoader(TensorDataset(x, y), batch_size=2)
+    hist = fit(model, dl, dl, opt=_sgd(0.0), device="cpu", progress=False)  # lr 0: the model stays as it is
+    assert hist.last["train_loss"] == pytest.approx(per_item.mean().item(), rel=1e-6)
+    assert hist.last["valid_loss"] == pytest.approx(per_item.mean().item(), rel=1e-6)
+
+
+def test_evaluate_is_item_weighted_with_a_short_last_batch():
+    torch.manual_seed(0)
+    x, y = _data(5)
+    model = nn.Linear(3, 3)
+    with torch.no_grad(): model.weight.mul_(5)
+    logits = model(x).detach()
+    for bs in (1, 2, 3, 5):
+        res = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=bs), device="cpu")
+        assert res["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6), bs
+        assert res["accuracy"] == pytest.approx((logits.argmax(1) == y).float().mean().item()), bs

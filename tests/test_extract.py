@@ -14,7 +14,8 @@ from sklearn.preprocessing import StandardScaler
 
 from tltutor.backbones import feature_extractor
 from tltutor.data import ImageDataset, backbone_transform, subset_per_class
-from tltutor.extract import (FeatureExtractor, backbone_fingerprint, extract_features, extract_layers,
+import tltutor.extract
+from tltutor.extract import (FeatureExtractor, backbone_fingerprint, code_fingerprint, extract_features, extract_layers,
                              feature_cache_dir, feature_cache_path, linear_probe, probe_layers, subset_index,
                              transform_fingerprint)
 
@@ -77,7 +78,7 @@ def test_several_layers_come_from_one_pass(net):
 def test_cache_key_changes_with_transform_layer_backbone_and_images(net):
     ds = toy()
     p, fields = feature_cache_path(net, "stage3", TFM, ds)
-    assert set(fields) == {"backbone", "layer", "transform", "images"}
+    assert set(fields) == {"backbone", "layer", "transform", "images", "code"}
     assert feature_cache_path(net, "stage3", backbone_transform(32), ds)[0] == p     # equal transform, equal key
     assert feature_cache_path(net, "stage3", backbone_transform(40), ds)[0] != p
     assert feature_cache_path(net, "stage3", backbone_transform(32, std=(0.5, 0.5, 0.5)), ds)[0] != p
@@ -109,6 +110,49 @@ def test_a_renamed_cache_file_is_not_trusted(net):
     with pytest.warns(UserWarning, match="recomputing"):
         f = extract_features(net, ds, "stage3", TFM, device="cpu", progress=False)
     assert f.shape[1] == 32
+
+
+def _scale_class(k):
+    "A transform class named `Scale` whose repr does not show its code: `k` is baked into the code, not the repr."
+    ns = {}
+    exec(f"class Scale:\n    def __repr__(self): return 'Scale()'\n    def __call__(self, x): return {k} * x.expand(-1, 3, -1, -1)\n", ns)
+    return ns["Scale"]
+
+
+def test_a_changed_transform_misses_the_cache(net):
+    ds = toy()
+    calls = Counter(net.features[0])
+    old, new = _scale_class(1.0)(), _scale_class(2.0)()      # edited code behind an identical repr
+    assert repr(old) == repr(new) and transform_fingerprint(old) != transform_fingerprint(new)
+    f_old = extract_features(net, ds, "stage3", old, device="cpu", progress=False)
+    n = calls.n
+    assert np.array_equal(extract_features(net, ds, "stage3", _scale_class(1.0)(), device="cpu", progress=False), f_old)
+    assert calls.n == n                                       # the same code again: a cache hit
+    f_new = extract_features(net, ds, "stage3", new, device="cpu", progress=False)
+    assert calls.n > n                                        # the edited transform: a miss, the backbone ran
+    with torch.no_grad(): ref = feature_extractor(net, "stage3")(new(ds.x)).numpy()
+    np.testing.assert_allclose(f_new, ref, atol=1e-5)
+    assert not np.allclose(f_new, f_old)
+
+
+def test_changed_feature_code_misses_the_cache(net, monkeypatch):
+    ds = toy()
+    calls = Counter(net.features[0])
+    f = extract_features(net, ds, "stage3", TFM, device="cpu", progress=False)
+    key = feature_cache_path(net, "stage3", TFM, ds)[1]["code"]
+    assert key == code_fingerprint() and key.startswith("tltutor-")
+    n = calls.n
+    original = tltutor.extract.block_features
+    def block_features(model, x, layers=None):                # the code that computes features changed
+        return {k: 2 * v for k, v in original(model, x, layers).items()}
+    monkeypatch.setattr(tltutor.extract, "block_features", block_features)
+    assert code_fingerprint() != key
+    g = extract_features(net, ds, "stage3", TFM, device="cpu", progress=False)
+    assert calls.n > n                                        # not served the old code's features
+    np.testing.assert_allclose(g, 2 * f, rtol=1e-5)
+    monkeypatch.setattr(tltutor.extract, "block_features", original)
+    assert code_fingerprint() == key
+    np.testing.assert_array_equal(extract_features(net, ds, "stage3", TFM, device="cpu", progress=False), f)
 
 
 def test_fine_tuning_changes_the_fingerprint():

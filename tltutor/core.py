@@ -22,8 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['METRICS', 'default_device', 'seed_everything', 'accuracy', 'predict', 'evaluate', 'History', 'FitState', 'Callback',
-           'fit', 'project_root', 'results_dir', 'atomic_write_text', 'record']
+__all__ = ['METRICS', 'GOLDEN_ENV', 'DEFAULT_ABS', 'DEFAULT_REL', 'default_device', 'seed_everything', 'accuracy', 'predict',
+           'evaluate', 'History', 'FitState', 'Callback', 'fit', 'project_root', 'results_dir', 'atomic_write_text',
+           'record', 'golden_dir', 'golden_tolerance', 'compare_golden', 'golden_table', 'read_golden', 'check_golden',
+           'write_golden']
 
 # %% ../nbs/00_core.ipynb #52bc06b8
 def _mps_available() -> bool:
@@ -332,6 +334,11 @@ def _flatten(d, prefix=""):
         if isinstance(v, dict): yield from _flatten(v, f"{prefix}{k}.")
         else: yield f"{prefix}{k}", v
 
+def _rounded(v, digits: int = 3):
+    "`v` rounded to `digits` decimals; a small float to `digits` significant digits instead (1e-4 stays 1e-4, not 0.0)."
+    if not isinstance(v, float): return v
+    return round(v, digits) if v == 0 or abs(v) >= 10 ** -digits else float(f"{v:.{digits}g}")
+
 def atomic_write_text(path, text: str):
     "Write `text` to `path` atomically (temporary file in the same folder, then rename)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,7 +354,8 @@ def atomic_write_text(path, text: str):
     return path
 
 def record(chapter: str, digits: int = 3, **metrics) -> Path:
-    "Print `metrics` as a table (floats rounded to `digits`) and save them with run metadata to `_results/<chapter>.json`."
+    """Print `metrics` as a table (floats rounded to `digits`) and save them with run metadata to `_results/<chapter>.json`.
+    When `$TLTUTOR_GOLDEN` names a folder (test runs), also compare them with `<folder>/<chapter>.json` (`check_golden`)."""
     if not isinstance(chapter, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", chapter):
         raise ValueError(f"chapter={chapter!r} must be a file-name-safe string such as '10_feature_extraction'.")
     if not metrics: raise ValueError("record() needs at least one metric, e.g. record('00_core', accuracy=0.97).")
@@ -360,5 +368,148 @@ def record(chapter: str, digits: int = 3, **metrics) -> Path:
     rows = list(_flatten({k: v for k, v in data.items() if k != "_meta"}))
     w = max(len(k) for k, _ in rows)
     print(f"results: {chapter}")
-    for k, v in rows: print(f"  {k.ljust(w)}  {round(v, digits) if isinstance(v, float) else v}")
+    for k, v in rows: print(f"  {k.ljust(w)}  {_rounded(v, digits)}")
+    folder = os.environ.get("TLTUTOR_GOLDEN")
+    if folder: check_golden(chapter, data, folder)  # test runs: a number that moved fails here (see below)
     return path
+
+# %% ../nbs/00_core.ipynb #b71e2d90
+import fnmatch
+
+GOLDEN_ENV = "TLTUTOR_GOLDEN"
+DEFAULT_ABS, DEFAULT_REL = 0.03, 0.05  # a measured float may move by max(0.03, 5% of its golden value)
+_TIMING = re.compile(r"(^|[._ ])(seconds?|secs?|ms|per_s|speedups?|times?|timings?|wall|mem_mb|throughput)([._ ]|$)")
+
+def golden_dir() -> Path:
+    "Where `make golden` writes the reviewed values: `<project root>/nbs/golden`."
+    return project_root() / "nbs" / "golden"
+
+def _override(key: str, tolerances: dict):
+    if key in tolerances: return tolerances[key]
+    for pat, spec in tolerances.items():
+        if any(ch in pat for ch in "*?[") and fnmatch.fnmatchcase(key, pat): return spec
+    return None
+
+def golden_tolerance(key: str, golden, tolerances: dict | None = None):
+    """How far metric `key` may move from its `golden` value: `'exact'`, `'ignore'`, `{'abs': a, 'rel': r}` or
+    `{'std': other_key, 'k': k}`. An entry of `tolerances` (exact key or glob pattern) wins; else the rule by kind:
+    timings and speed-ups (`seconds`, `ms`, `per_s`, `speedup`, ...) are not compared (CPUs differ ~2x); strings,
+    booleans, integers and everything under `settings.` must be equal; other numbers may move by
+    `max(DEFAULT_ABS, DEFAULT_REL * |golden|)`."""
+    spec = _override(key, tolerances or {})
+    if spec is None:
+        if _TIMING.search(key): return "ignore"
+        if golden is None or isinstance(golden, (bool, str, int)) or key.startswith("settings."): return "exact"
+        return {"abs": DEFAULT_ABS, "rel": DEFAULT_REL}
+    if spec in ("exact", "ignore"): return spec
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool) and spec >= 0: return {"abs": float(spec)}
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+    if isinstance(spec, dict) and spec and set(spec) <= {"abs", "rel"} and all(map(num, spec.values())): return spec
+    if isinstance(spec, dict) and set(spec) in ({"std"}, {"std", "k"}) and num(spec.get("k", 3)): return spec
+    raise ValueError(f"tolerance {spec!r} for {key!r} is not one of 'exact', 'ignore', a number (absolute), "
+                     "{'abs': a, 'rel': r} or {'std': '<metric holding the seed std>', 'k': 3}.")
+
+def _allowed(spec, golden: float, values: dict):
+    "The largest |now - golden| the numeric `spec` accepts, and how to show it."
+    if "std" in spec:
+        k, std = spec.get("k", 3), values.get(spec["std"])
+        if not isinstance(std, (int, float)) or isinstance(std, bool):
+            raise ValueError(f"tolerance {spec!r} names {spec['std']!r}, which is not a recorded number.")
+        return k * abs(std), f"+-{k * abs(std):.3g} ({k} x {spec['std']})"
+    a, r = spec.get("abs", 0.0), spec.get("rel", 0.0)
+    tol = max(a, r * abs(golden))
+    return tol, f"+-{tol:.3g}" + (f" (max {a:g}, {r:.0%})" if a and r else "")
+
+def _same(a, b) -> bool:
+    "Equal; floats to 6 significant digits (golden files store them so)."
+    if isinstance(a, bool) or isinstance(b, bool) or not all(isinstance(v, (int, float)) for v in (a, b)): return a == b
+    return float(f"{a:.6g}") == float(f"{b:.6g}")
+
+def compare_golden(now: dict, golden: dict, tolerances: dict | None = None) -> list:
+    """One row per metric of `now` and `golden` (flattened, `a.b`): `{metric, golden, now, tolerance, ok}`.
+    A metric recorded now but not in `golden` (or the reverse) is not ok, nor is a tolerance for no metric."""
+    now, gold = dict(_flatten(now)), dict(_flatten(golden))
+    tolerances = tolerances or {}
+    rows = []
+    for key in list(gold) + [k for k in now if k not in gold]:
+        g, n = gold.get(key, "-"), now.get(key, "-")
+        if key not in now: rows.append(dict(metric=key, golden=g, now=n, tolerance="removed", ok=False)); continue
+        if key not in gold: rows.append(dict(metric=key, golden=g, now=n, tolerance="added", ok=False)); continue
+        spec = golden_tolerance(key, g, tolerances)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (g, n))
+        if spec == "ignore": tol, ok = "not compared (timing)", numbers or type(g) == type(n)
+        elif spec == "exact": tol, ok = "equal", _same(g, n)
+        elif not numbers: tol, ok = "number expected", False
+        else:
+            allowed, tol = _allowed(spec, g, gold)
+            ok = abs(n - g) <= allowed + 1e-12
+        rows.append(dict(metric=key, golden=g, now=n, tolerance=tol, ok=ok))
+    for pat in tolerances:
+        if pat not in gold and not any(fnmatch.fnmatchcase(k, pat) for k in gold):
+            rows.append(dict(metric=pat, golden="-", now="-", tolerance="tolerance for no metric", ok=False))
+    return rows
+
+def _show(v) -> str:
+    if isinstance(v, float): return f"{v:.4g}" if v != 0 and abs(v) < 1e-3 else f"{v:.4f}".rstrip("0").rstrip(".")
+    return str(v)
+
+def golden_table(rows: list) -> str:
+    "The rows of `compare_golden` as a text table: metric, golden, now, tolerance, status."
+    head = ("metric", "golden", "now", "tolerance", "status")
+    cells = [(r["metric"], _show(r["golden"]), _show(r["now"]), r["tolerance"], "ok" if r["ok"] else "FAIL") for r in rows]
+    w = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
+    return "\n".join("  ".join(c[i].ljust(w[i]) for i in range(len(head))).rstrip() for c in [head, *cells])
+
+def read_golden(chapter: str, folder=None) -> dict:
+    "The golden file of `chapter` (`{chapter, tolerances, values, measured_on}`) from `folder` (default `golden_dir()`)."
+    path = Path(folder or golden_dir()) / f"{chapter}.json"
+    if not path.exists():
+        raise AssertionError(f"no golden values for chapter {chapter!r}: {path} does not exist. After a quiet run of the "
+                             f"chapter (make test), run `make golden` to write it from _results/{chapter}.json, review "
+                             f"and commit it (set {GOLDEN_ENV}= to run without the check).")
+    return json.loads(path.read_text())
+
+def check_golden(chapter: str, results: dict, folder=None) -> list:
+    "Compare `results` (what `record` saved) with the golden file of `chapter`; raise `AssertionError` with the table."
+    gold = read_golden(chapter, folder)
+    rows = compare_golden({k: v for k, v in results.items() if k != "_meta"}, gold.get("values", {}),
+                          gold.get("tolerances", {}))
+    bad = [r for r in rows if not r["ok"]]
+    if bad:
+        raise AssertionError(
+            f"{len(bad)} of {len(rows)} results of {chapter!r} differ from the golden values beyond their tolerance "
+            f"({Path(folder or golden_dir()) / (chapter + '.json')}):\n{golden_table(bad)}\n"
+            "A regression: find what moved the number. An intended change: run the chapters quietly (make test), "
+            "then `make golden`, and commit the diff of nbs/golden/ for review.")
+    return rows
+
+def write_golden(results=None, folder=None, chapters=None) -> list:
+    """Rewrite the golden files from `results` (default `results_dir()`: the `_results/*.json` of the last run) into
+    `folder` (default `golden_dir()`), keeping each file's `tolerances`; print what changed; return the paths."""
+    src, dst = Path(results or results_dir()), Path(folder or golden_dir())
+    files = sorted(src.glob("*.json")) if chapters is None else [src / f"{c}.json" for c in chapters]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing or not files:
+        raise FileNotFoundError(f"no results to write golden values from ({', '.join(missing) or src}): run the "
+                                "chapters first (make test writes _results/*.json).")
+    written = []
+    for f in files:
+        data = json.loads(f.read_text())
+        meta = data.pop("_meta", {})
+        chapter = meta.get("chapter", f.stem)
+        values = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in _flatten(data)}
+        path = dst / f"{chapter}.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        tol = old.get("tolerances", {})
+        rows = compare_golden(values, old.get("values", {}), tol)
+        new = {"chapter": chapter, "tolerances": tol, "values": values,
+               "measured_on": {k: meta[k] for k in ("device", "torch", "python") if k in meta}}
+        atomic_write_text(path, json.dumps(new, indent=1) + "\n")
+        moved = [r for r in rows if not r["ok"] or not _same(r["golden"], r["now"])]
+        shown = path.resolve().relative_to(Path.cwd().resolve()) if path.resolve().is_relative_to(Path.cwd().resolve()) else path.name
+        print(f"{shown}: " + (f"{len(moved)} value(s) changed" if old else f"new, {len(values)} values"))
+        for kind in ("exact", "ignore"):  # what the rule decided, for the reviewer of a new or changed file
+            keys = [k for k in values if golden_tolerance(k, values[k], tol) == kind]
+            if keys and (not old or moved): print(f"  {'must be equal' if kind == 'exact' else 'not compared'}: {', '.join(keys)}")
+        written.append(path)
+    return written

@@ -28,9 +28,9 @@ from .data import ImageDataset, backbone_transform, cache_ok, data_home, load_np
 from .backbones import block_features, layer_groups, pretrained
 
 # %% auto #0
-__all__ = ['DEFAULT_SIZE', 'feature_cache_dir', 'backbone_fingerprint', 'transform_fingerprint', 'images_fingerprint',
-           'feature_cache_path', 'extract_layers', 'extract_features', 'linear_probe', 'FeatureExtractor',
-           'subset_index', 'probe_layers']
+__all__ = ['DEFAULT_SIZE', 'feature_cache_dir', 'backbone_fingerprint', 'code_fingerprint', 'transform_fingerprint',
+           'images_fingerprint', 'feature_cache_path', 'extract_layers', 'extract_features', 'linear_probe',
+           'FeatureExtractor', 'subset_index', 'probe_layers']
 
 # %% ../nbs/10_feature_extraction.ipynb #95e29d30
 DEFAULT_SIZE = 64  # px: the resolution this chapter feeds MobileNetV2 (see the experiment below)
@@ -54,12 +54,48 @@ def backbone_fingerprint(model: nn.Module) -> str:
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return f"{type(model).__name__}-{h.hexdigest()[:16]}"
 
+_SOURCE_MEMO = {}
+
+def _bytecode(code) -> str:
+    "A stable text of a code object: its bytecode and constants, nested code objects included (no memory addresses)."
+    consts = [_bytecode(k) if inspect.iscode(k) else repr(k) for k in code.co_consts]
+    return code.co_code.hex() + "|" + "|".join(consts)
+
+def _code_text(obj) -> str:
+    "The source of a function or class; where it is not available (e.g. defined in a notebook), its bytecode."
+    try: return inspect.getsource(obj)
+    except (OSError, TypeError): pass
+    if inspect.isclass(obj):
+        return "\n".join(f"{k}:{_code_text(v)}" for klass in obj.__mro__[:-1] for k, v in sorted(vars(klass).items())
+                         if inspect.isfunction(v))
+    code = getattr(obj, "__code__", None)
+    return _bytecode(code) if code is not None else getattr(obj, "__qualname__", type(obj).__name__)
+
+def _source_hash(obj) -> str:
+    "A 16-hex-digit hash of the code of a function or class."
+    if obj not in _SOURCE_MEMO: _SOURCE_MEMO[obj] = _sha(_code_text(obj))[:16]
+    return _SOURCE_MEMO[obj]
+
+def _feature_code() -> list:
+    "The functions and classes whose code computes cached features (looked up at each call)."
+    from tltutor import backbones
+    return [globals()["_as_images"], globals()["extract_layers"], globals()["block_features"],
+            backbones.feature_extractor, backbones.FeatureExtractor, backbones.layer_groups]
+
+def code_fingerprint(code=None) -> str:
+    """`tltutor-<version>+torch-<version>-<hash>`: the versions and a hash of the source of `code` (default: the
+    functions that run the backbone's blocks and pool them), so features cached by older code are not reused."""
+    from tltutor import __version__
+    code = _feature_code() if code is None else code
+    return f"tltutor-{__version__}+torch-{torch.__version__}-" + _sha(*[_source_hash(c) for c in code])[:16]
+
 def transform_fingerprint(transform) -> str:
-    "A stable text for `transform`: its `cache_key` attribute, else its `repr` (functions: name + code + captured values)."
+    """A stable text for `transform`: its `cache_key` attribute, else its `repr` plus a hash of its class's code
+    (functions: name + code + captured values)."""
     key = getattr(transform, "cache_key", None)
     if key is not None: return str(key)
     r = repr(transform)
-    if " at 0x" not in r: return r
+    if " at 0x" not in r: return r if inspect.isroutine(transform) else f"{r}#{_source_hash(type(transform))}"
     if inspect.isfunction(transform):
         code = transform.__code__
         cells = [c.cell_contents for c in (transform.__closure__ or ())]
@@ -108,7 +144,8 @@ def _check_layers(model, layers) -> list:
     return list(dict.fromkeys(layers))
 
 def _common_fields(model, transform, x) -> dict:
-    return dict(backbone=backbone_fingerprint(model), transform=transform_fingerprint(transform), images=images_fingerprint(x))
+    return dict(backbone=backbone_fingerprint(model), transform=transform_fingerprint(transform), images=images_fingerprint(x),
+                code=code_fingerprint())
 
 def _path_for(fields: dict) -> Path:
     key = _sha(json.dumps(fields, sort_keys=True))[:20]

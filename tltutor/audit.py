@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset, WeightedRandomSampler
 
+from .checks import check_targets
 from .core import Callback, atomic_write_text, predict, results_dir
 from .data import ImageDataset, blend_with_photos
 from .imbalance import balanced_sampler
@@ -150,9 +151,7 @@ def group_metrics(y_true, y_pred, groups, metrics=("accuracy",), n_boot: int = 1
 
     `metrics`: names from `GROUP_METRICS`, callables `f(y_true, y_pred)`, or a dict `{name: either}`.
     Same point values as fairlearn's `MetricFrame(...).overall / .by_group / .difference() / .ratio()`."""
-    yt, yp = _array(y_true, "y_true"), _array(y_pred, "y_pred")
-    if len(yt) != len(yp):
-        raise ValueError(f"y_true has {len(yt)} items but y_pred has {len(yp)}: they must be aligned item by item.")
+    yt, yp = check_targets(y_true, y_pred)  # same kind of labels, no probabilities, no NaN (as scikit-learn)
     codes, labels, names = group_labels(groups, len(yt))
     fns = _metric_fns(metrics)
     for name, (fn, binary) in fns.items():

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
+from .checks import check_int, check_labels
 from .core import default_device, fit
 
 # %% auto #0
@@ -43,7 +44,7 @@ def _as_labels(labels) -> np.ndarray:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise TypeError(f"labels must be a 1-d sequence of integer class ids (or a dataset of (x, y) items); "
                         f"got shape {y.shape}, dtype {y.dtype}.")
-    return y.astype(np.int64)
+    return check_labels(y, "labels", indices=False).astype(np.int64)  # non-empty; ids need not start at 0
 
 class EpisodeSampler(Sampler):
     """Batch sampler of `n_way`-way `k_shot`-shot episodes over any labelled dataset.
@@ -296,6 +297,7 @@ def evaluate_episodes(embed_fn, dataset, n_way: int = 5, k_shot: int = 1, episod
     evaluated separately (same episodes for the same `seed`)."""
     if isinstance(episodes, (int, np.integer)) and not isinstance(episodes, bool) and episodes < 2:
         raise ValueError(f"episodes={episodes} is too few for a confidence interval; use at least 2 (1000 is usual).")
+    check_int(n_query, "n_query", hint="accuracy is measured on the query examples, e.g. n_query=15")
     _check_distance(distance)
     if episode_fn is not None:
         if embed_fn is not None: raise ValueError("pass either embed_fn (embed once) or episode_fn (per episode), not both.")

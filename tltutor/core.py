@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_finite, check_int
+from .checks import check_finite, check_int, check_number
 
 # %% auto #0
 __all__ = ['METRICS', 'default_device', 'seed_everything', 'accuracy', 'predict', 'evaluate', 'History', 'FitState', 'Callback',
@@ -70,6 +70,9 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
         raise ValueError(f"accuracy needs logits of shape (n, classes) and targets of shape (n,); "
                          f"got {tuple(logits.shape)} and {tuple(targets.shape)}.")
     if len(targets) == 0: raise ValueError("accuracy of an empty batch is undefined.")
+    if targets.is_floating_point():
+        raise TypeError(f"targets must be integer class indices; got dtype {targets.dtype} (probabilities? use targets.argmax(1)).")
+    check_finite(logits, "logits")
     return (logits.argmax(dim=1) == targets).float().mean().item()
 
 METRICS = {"accuracy": accuracy}
@@ -239,7 +242,7 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
     if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     _check_loader(train_dl, "train_dl")
     if valid_dl is not None: _check_loader(valid_dl, "valid_dl")
-    if clip_grad is not None and not clip_grad > 0: raise ValueError(f"clip_grad={clip_grad!r} must be a positive number or None.")
+    if clip_grad is not None: check_number(clip_grad, "clip_grad", min=0, min_open=True, hint="or None for no clipping")
     fns = _metric_fns(metrics)
     cbs = _check_callbacks(callbacks)
     device = default_device(device)

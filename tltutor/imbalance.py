@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
-from .checks import check_labels, check_number, check_targets
+from .checks import check_finite, check_labels, check_number, check_targets
 from .core import Callback, History, fit
 
 # %% auto #0
@@ -78,9 +78,7 @@ class FocalLoss(nn.Module):
     `gamma=0` without `alpha` is cross-entropy. `alpha`: optional per-class weights (e.g. `class_weights(y)`)."""
     def __init__(self, gamma: float = 2.0, alpha=None):
         super().__init__()
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
-            raise ValueError(f"gamma={gamma!r} must be a number >= 0 (0 = cross-entropy; 2 is the usual choice).")
-        self.gamma = float(gamma)
+        self.gamma = check_number(gamma, "gamma", min=0, hint="0 = cross-entropy; 2 is the usual choice")
         if alpha is not None:
             alpha = torch.as_tensor(alpha, dtype=torch.float32)
             if alpha.ndim != 1 or not bool((alpha > 0).all()):
@@ -110,8 +108,7 @@ def _check_priors(priors, tau) -> torch.Tensor:
     if not bool((priors > 0).all()): raise ValueError("priors must all be > 0 (a class with prior 0 has log-prior -inf); use class_priors(y).")
     if abs(float(priors.sum()) - 1) > 1e-3:
         raise ValueError(f"priors sum to {float(priors.sum()):.4f}, not 1: pass frequencies, e.g. class_priors(y) or counts / counts.sum().")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau >= 0:
-        raise ValueError(f"tau={tau!r} must be a number >= 0 (0 = no adjustment; 1 is the Bayes-optimal choice for balanced error).")
+    check_number(tau, "tau", min=0, hint="0 = no adjustment; 1 is the Bayes-optimal choice for balanced error")
     return priors
 
 def adjust_logits(logits: torch.Tensor, priors, tau: float = 1.0) -> torch.Tensor:
@@ -119,6 +116,7 @@ def adjust_logits(logits: torch.Tensor, priors, tau: float = 1.0) -> torch.Tenso
     priors = _check_priors(priors, tau)
     if logits.ndim != 2 or logits.shape[1] != len(priors):
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(priors)} priors; expected (n, {len(priors)}).")
+    check_finite(logits, "logits")
     return logits - tau * priors.to(logits.device).log()
 
 class LogitAdjustedLoss(nn.Module):

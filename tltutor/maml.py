@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Sampler
 
-from .checks import check_int
+from .checks import check_int, check_number
 from .core import History, default_device, fit
 from .fewshot import EpisodeSampler, EpisodeScore
 
@@ -85,9 +85,7 @@ def check_functional(model: nn.Module) -> nn.Module:
 def _check_steps_lr(steps, lr) -> tuple:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an integer >= 0 (0 = no adaptation, i.e. plain training).")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr={lr!r} must be a positive number (the inner-loop SGD step size, e.g. 0.4).")
-    return int(steps), float(lr)
+    return int(steps), check_number(lr, "lr", min=0, min_open=True, hint="the inner-loop SGD step size, e.g. 0.4")
 
 def inner_adapt(model: nn.Module, params: dict, support: tuple, steps: int = 1, lr: float = 0.4,
                 first_order: bool = False) -> dict:

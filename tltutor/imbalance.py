@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
+from .checks import check_finite, check_labels, check_number, check_targets
 from .core import Callback, History, fit
 
 # %% auto #0
@@ -20,17 +21,10 @@ __all__ = ['class_counts', 'class_priors', 'class_weights', 'balanced_sampler', 
 
 # %% ../nbs/13_imbalance.ipynb #cd748717
 def _labels(y, num_classes=None) -> torch.Tensor:
-    "`y` as a 1-D int64 tensor of class indices, checked."
-    if isinstance(y, (list, tuple, np.ndarray)): y = torch.as_tensor(np.asarray(y))
-    if not torch.is_tensor(y): raise TypeError(f"labels must be a tensor, array or list of class indices; got {type(y).__name__}.")
-    if y.ndim != 1 or len(y) == 0: raise ValueError(f"labels must be a non-empty 1-D sequence; got shape {tuple(y.shape)}.")
-    if y.is_floating_point() or y.dtype == torch.bool:
-        raise TypeError(f"labels must be integer class indices; got dtype {y.dtype} (use y.long()).")
-    y = y.long()
-    if int(y.min()) < 0: raise ValueError(f"labels must be >= 0 (class indices); found {int(y.min())}.")
-    if num_classes is not None and int(y.max()) >= num_classes:
-        raise ValueError(f"label {int(y.max())} is out of range for num_classes={num_classes}.")
-    return y
+    "`y` as a 1-D int64 tensor of class indices, checked (`tltutor.checks.check_labels`)."
+    if not isinstance(y, (list, tuple, np.ndarray)) and not torch.is_tensor(y):
+        raise TypeError(f"labels must be a tensor, array or list of class indices; got {type(y).__name__}.")
+    return torch.from_numpy(check_labels(y, "labels", num_classes))
 
 def class_counts(y, num_classes: int | None = None) -> torch.Tensor:
     "Items per class (length `num_classes`, default `max(y) + 1`); every class must have at least one item."
@@ -74,15 +68,17 @@ def balanced_sampler(y, num_samples: int | None = None, seed: int = 0) -> Weight
     return WeightedRandomSampler((1.0 / counts.double())[y], num_samples, replacement=True, generator=g)
 
 # %% ../nbs/13_imbalance.ipynb #5cda2863
+def _float(logits: torch.Tensor) -> torch.Tensor:
+    "Logits in float32 at least: half precision is promoted, float64 is kept (so `gradcheck` works)."
+    return logits if logits.dtype == torch.float64 else logits.float()
+
 class FocalLoss(nn.Module):
     """Multi-class focal loss (Lin et al., 2017): `-alpha_y (1 - p_y)**gamma log p_y`, averaged over items.
 
     `gamma=0` without `alpha` is cross-entropy. `alpha`: optional per-class weights (e.g. `class_weights(y)`)."""
     def __init__(self, gamma: float = 2.0, alpha=None):
         super().__init__()
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
-            raise ValueError(f"gamma={gamma!r} must be a number >= 0 (0 = cross-entropy; 2 is the usual choice).")
-        self.gamma = float(gamma)
+        self.gamma = check_number(gamma, "gamma", min=0, hint="0 = cross-entropy; 2 is the usual choice")
         if alpha is not None:
             alpha = torch.as_tensor(alpha, dtype=torch.float32)
             if alpha.ndim != 1 or not bool((alpha > 0).all()):
@@ -90,12 +86,12 @@ class FocalLoss(nn.Module):
         self.register_buffer("alpha", alpha)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
+        logp = F.log_softmax(_float(logits), dim=1).gather(1, targets[:, None]).squeeze(1)
         loss = -((1 - logp.exp()) ** self.gamma) * logp if self.gamma else -logp
         if self.alpha is not None:
             if len(self.alpha) != logits.shape[1]:
                 raise ValueError(f"alpha has {len(self.alpha)} weights but the logits have {logits.shape[1]} classes.")
-            loss = loss * self.alpha.to(loss.device)[targets]
+            loss = loss * self.alpha.to(loss)[targets]
         return loss.mean()
 
     def extra_repr(self): return f"gamma={self.gamma}, alpha={'None' if self.alpha is None else 'per-class'}"
@@ -112,8 +108,7 @@ def _check_priors(priors, tau) -> torch.Tensor:
     if not bool((priors > 0).all()): raise ValueError("priors must all be > 0 (a class with prior 0 has log-prior -inf); use class_priors(y).")
     if abs(float(priors.sum()) - 1) > 1e-3:
         raise ValueError(f"priors sum to {float(priors.sum()):.4f}, not 1: pass frequencies, e.g. class_priors(y) or counts / counts.sum().")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau >= 0:
-        raise ValueError(f"tau={tau!r} must be a number >= 0 (0 = no adjustment; 1 is the Bayes-optimal choice for balanced error).")
+    check_number(tau, "tau", min=0, hint="0 = no adjustment; 1 is the Bayes-optimal choice for balanced error")
     return priors
 
 def adjust_logits(logits: torch.Tensor, priors, tau: float = 1.0) -> torch.Tensor:
@@ -121,6 +116,7 @@ def adjust_logits(logits: torch.Tensor, priors, tau: float = 1.0) -> torch.Tenso
     priors = _check_priors(priors, tau)
     if logits.ndim != 2 or logits.shape[1] != len(priors):
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(priors)} priors; expected (n, {len(priors)}).")
+    check_finite(logits, "logits")
     return logits - tau * priors.to(logits.device).log()
 
 class LogitAdjustedLoss(nn.Module):
@@ -130,7 +126,8 @@ class LogitAdjustedLoss(nn.Module):
         self.register_buffer("log_priors", _check_priors(priors, tau).log())
         self.tau = float(tau)
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float() + self.tau * self.log_priors.to(logits.device), targets)
+        logits = _float(logits)
+        return F.cross_entropy(logits + self.tau * self.log_priors.to(logits), targets)
 
 def logit_adjusted_loss(priors, tau: float = 1.0) -> LogitAdjustedLoss:
     "The logit-adjusted loss for training priors `priors` (e.g. `class_priors(y)`) and strength `tau`."
@@ -223,8 +220,12 @@ def imbalance_report(y_true, y_pred, train_counts=None, n_tail: int = 3, num_cla
     """`accuracy`, `balanced_accuracy` (mean per-class recall), `macro_f1`, per-class `recall` and the `confusion`
     matrix; with the training `train_counts`, also `tail_recall`: the mean recall of the `n_tail` rarest training classes."""
     from sklearn.metrics import confusion_matrix
-    y_true, y_pred = _labels(y_true), _labels(y_pred)
-    if len(y_true) != len(y_pred): raise ValueError(f"y_true has {len(y_true)} labels but y_pred has {len(y_pred)}.")
+    yt, yp = check_targets(y_true, y_pred)
+    classes = None
+    if yt.dtype.kind in "USO":  # string labels: class i is the i-th label in sorted order
+        classes, codes = np.unique(np.concatenate([yt, yp]).astype(str), return_inverse=True)
+        yt, yp = codes[:len(yt)], codes[len(yt):]
+    y_true, y_pred = _labels(yt), _labels(yp)
     if num_classes is None:
         num_classes = len(train_counts) if train_counts is not None else int(max(y_true.max(), y_pred.max())) + 1
     y_true, y_pred = _labels(y_true, num_classes).numpy(), _labels(y_pred, num_classes).numpy()
@@ -235,6 +236,7 @@ def imbalance_report(y_true, y_pred, train_counts=None, n_tail: int = 3, num_cla
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(num_classes), where=precision + recall > 0)
     rep = {"accuracy": float(hits.sum() / cm.sum()), "balanced_accuracy": float(recall[support > 0].mean()),
            "macro_f1": float(f1[(support > 0) | (predicted > 0)].mean()), "recall": recall, "confusion": cm}
+    if classes is not None: rep["classes"] = classes.tolist()
     if train_counts is not None:
         train_counts = torch.as_tensor(train_counts)
         if train_counts.ndim != 1 or len(train_counts) != num_classes:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Sampler
 
+from .checks import check_int, check_number
 from .core import History, default_device, fit
 from .fewshot import EpisodeSampler, EpisodeScore
 
@@ -84,9 +85,7 @@ def check_functional(model: nn.Module) -> nn.Module:
 def _check_steps_lr(steps, lr) -> tuple:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an integer >= 0 (0 = no adaptation, i.e. plain training).")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr={lr!r} must be a positive number (the inner-loop SGD step size, e.g. 0.4).")
-    return int(steps), float(lr)
+    return int(steps), check_number(lr, "lr", min=0, min_open=True, hint="the inner-loop SGD step size, e.g. 0.4")
 
 def inner_adapt(model: nn.Module, params: dict, support: tuple, steps: int = 1, lr: float = 0.4,
                 first_order: bool = False) -> dict:
@@ -242,6 +241,10 @@ def evaluate_maml(maml: MAML, dataset, n_way: int = 5, k_shot: int = 1, episodes
     device = default_device(device)
     curve = isinstance(steps, (tuple, list))
     checkpoints = tuple(steps) if curve else (maml.test_steps if steps is None else steps,)
+    heads = [m.out_features for m in maml.modules() if isinstance(m, nn.Linear)]
+    if heads and check_int(n_way, "n_way", min=2) > heads[-1]:
+        raise ValueError(f"n_way={n_way} is larger than the model's {heads[-1]} outputs: use n_way <= {heads[-1]} "
+                         "or build the model with one output per episode class.")
     sampler = EpisodeSampler(dataset, n_way, k_shot, n_query, episodes=episodes, seed=seed)
     idx = torch.from_numpy(sampler.sample(episodes))
     ys, yq = sampler.episode_labels()

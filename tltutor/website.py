@@ -130,6 +130,9 @@ def clean_cells(nb, root: Path = None):
                 data = out.get("data", {})
                 if "text/markdown" in data and (doc := show_doc_html(data["text/markdown"], root)):
                     out["data"] = {"text/html": doc}
+                elif _WIDGET in data and "image/png" in data:  # a Knob: its small multiples stand in for the slider
+                    out["data"] = {"image/png": data["image/png"]}
+                    out.setdefault("metadata", {})["tltutor"] = "knob"
                 elif _WIDGET in data:
                     widgets += 1
                     out["data"] = {} if widgets > 1 else {"text/html": "<p class='widget-note'>An interactive widget is here in the notebook: "

@@ -293,7 +293,7 @@ def select_layer(feats: dict, y, folds: int = 5, C: float = 0.05, default: str |
     X = {}
     for layer, f in feats.items(): X[layer], labels = _check_xy(f, y, what=f"feats[{layer!r}]")
     if default is not None and default not in X:
-        raise ValueError(f"default={default!r} is not one of the blocks in feats: {list(X)}.")
+        raise ValueError(f"default={default!r} must be one of the blocks in feats: {list(X)}.")
     counts = np.unique(labels, return_counts=True)[1]
     if len(counts) < 2: raise ValueError("the labels hold a single class; a classifier needs at least two.")
     if counts.min() < 2:

@@ -48,3 +48,13 @@ def test_bad_launch_arguments():
     with pytest.raises(ValueError, match="positive integer"): torchrun_cmd(["--bench", "x"], nproc=0)
     with pytest.raises(TypeError, match="list of strings"): torchrun_cmd("--bench x")
     with pytest.raises(RuntimeError, match="failed"): torchrun(["--no-such-flag"], nproc=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: make gpu-check runs for real")
+def test_gpu_check_skips_cleanly_without_a_gpu():
+    import subprocess, sys
+    from pathlib import Path
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "gpu-check: skipped: no CUDA GPU here:" in r.stdout

@@ -199,6 +199,7 @@ HEADLINES = {
     "17_dann": "Without one MNIST-M label, DANN lifts MNIST-M accuracy from {source_only_mean:.1%} (source only) to {dann_mean:.1%} over three seeds; the target-supervised oracle reaches {oracle_mean:.1%}.",
     "18_bias_audit": "{best_mitigation} shrinks the accuracy gap between groups from {gap_before:.3f} to {gap_after:.3f}.",
     "21_test_time": "At severity 5, BatchNorm statistics re-estimated on the test batches cut the error from {source_err:.1%} to {bn_err:.1%}; TENT reaches {tent_err:.1%}.",
+    "22_scale_out": "One DDP step on 2 processes equals the full-batch step to within {ddp_max_abs_diff:.1e}; `tltutor train` on 150 small images reaches {train_acc.2:.1%} validation accuracy on 2 processes, {train_acc.1:.1%} on 1.",
 }
 
 def headline(stem: str, res: dict) -> str | None:

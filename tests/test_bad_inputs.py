@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from tltutor import audit, checks, cli, core, data, distill, extract, fewshot, finetune, freeze, imbalance, maml
+from tltutor import audit, checks, cli, core, data, distill, efficient, extract, fewshot, finetune, freeze, imbalance, maml
 
 NAN, INF = float("nan"), float("inf")
 
@@ -61,6 +61,7 @@ def _loader(): return DataLoader(TensorDataset(X, Y), batch_size=6)
 def _maml():
     return maml.MAML(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), steps=1)
 def _opt(): return torch.optim.SGD(_model().parameters(), lr=0.1)
+def _pointwise_net(): return nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
 
 # (name, kind, call(v), bad inputs of that kind to skip because they are valid for this slot)
 ROWS = [
@@ -123,6 +124,8 @@ ROWS = [
     ("distill.kd_loss(student_logits)", "tensor", lambda v: distill.kd_loss(v, v, T=2.0, alpha=1.0) if v.ndim == 2 else distill.kd_loss(v, X), set()),
     ("finetune.warmup_cosine(total_steps)", "count", lambda v: finetune.warmup_cosine(_opt(), 1, v), set()),
     ("finetune.L2SP(alpha)", "number", lambda v: finetune.L2SP(_model(), alpha=v), set()),
+    ("efficient.lora(r)", "count", lambda v: efficient.lora(_pointwise_net(), r=v), set()),
+    ("efficient.lora(alpha)", "number", lambda v: efficient.lora(_pointwise_net(), alpha=v), {"none"}),
     ("freeze.GradualUnfreezing(every)", "count", lambda v: freeze.GradualUnfreezing(every=v), set()),
     ("cli.main(course --timeout)", "cli_timeout", lambda v: cli.main(["course", "--timeout", v, "--chapters", "00"]), set()),
     ("cli.main(course --nbs)", "cli_nbs", lambda v: cli.main(["course", "--nbs", v]), set()),

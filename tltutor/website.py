@@ -198,6 +198,7 @@ HEADLINES = {
     "16_distillation": "A {param_ratio}x smaller student reaches {student_kd:.1%} with distillation, {student_alone:.1%} from labels alone (teacher {teacher:.1%}).",
     "17_dann": "Without one MNIST-M label, DANN lifts MNIST-M accuracy from {source_only_mean:.1%} (source only) to {dann_mean:.1%} over three seeds; the target-supervised oracle reaches {oracle_mean:.1%}.",
     "18_bias_audit": "{best_mitigation} shrinks the accuracy gap between groups from {gap_before:.3f} to {gap_after:.3f}.",
+    "20_peft": "LoRA (rank 4) trains {trainable_params.lora_r4:,} of the top's {trainable_params.full:,} parameters and reaches {acc.lora_r4:.1%} against full fine-tuning's {acc.full:.1%}; the linear probe {acc.probe:.1%}.",
     "21_test_time": "At severity 5, BatchNorm statistics re-estimated on the test batches cut the error from {source_err:.1%} to {bn_err:.1%}; TENT reaches {tent_err:.1%}.",
     "22_scale_out": "One DDP step on 2 processes equals the full-batch step to within {ddp_max_abs_diff:.1e}; `tltutor train` on 150 small images reaches {train_acc.2:.1%} validation accuracy on 2 processes, {train_acc.1:.1%} on 1.",
 }

@@ -161,13 +161,14 @@ class L2SP(Callback):
 # %% ../nbs/11_fine_tuning.ipynb #58bc82e1
 def fine_tune(model: nn.Module, train_dl, valid_dl=None, epochs: int = 3, freeze_epochs: int = 1, lr: float = 1e-3,
               div: float = 100.0, warmup: float = 0.1, head_lr: float | None = None, l2sp: L2SP | None = None,
-              weight_decay: float | None = None, callbacks=None, device=None, progress: bool = True,
-              **fit_kwargs) -> History:
+              weight_decay: float | None = None, opt_func=torch.optim.AdamW, callbacks=None, device=None,
+              progress: bool = True, **fit_kwargs) -> History:
     """Fine-tune `model` (its head already replaced): head first on cached features, then the whole network.
 
-    Whole-network phase: AdamW over `discriminative_param_groups(model, lr / div, lr)`, `warmup_cosine` with a warmup
-    of `warmup` x the steps, and `l2sp` (an `L2SP` callback) if given. `weight_decay` defaults to 0.01, or 0 with L2-SP
-    (which replaces it). Returns one `History` over both phases (column `phase`)."""
+    Whole-network phase: `opt_func` (default AdamW; e.g. `functools.partial(torch.optim.SGD, momentum=0.9)`) over
+    `discriminative_param_groups(model, lr / div, lr)`, `warmup_cosine` with a warmup of `warmup` x the steps, and
+    `l2sp` (an `L2SP` callback) if given. `weight_decay` defaults to 0.01, or 0 with L2-SP (which replaces it).
+    Returns one `History` over both phases (column `phase`)."""
     if isinstance(freeze_epochs, bool) or not isinstance(freeze_epochs, int) or freeze_epochs < 0:
         raise ValueError(f"freeze_epochs={freeze_epochs!r} must be an integer >= 0 (0 skips the head-only phase).")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -178,13 +179,15 @@ def fine_tune(model: nn.Module, train_dl, valid_dl=None, epochs: int = 3, freeze
     if not 0 <= warmup < 1: raise ValueError(f"warmup={warmup!r} is a fraction of the steps, in [0, 1), e.g. 0.1.")
     if l2sp is not None and not isinstance(l2sp, L2SP):
         raise TypeError(f"l2sp must be an L2SP callback, e.g. l2sp=L2SP(model, alpha=0.1); got {type(l2sp).__name__}.")
+    if not callable(opt_func):
+        raise TypeError(f"opt_func must build an optimizer from param groups, e.g. torch.optim.SGD; got {opt_func!r}.")
     rows = []
     if freeze_epochs:
         h = train_head(model, train_dl, valid_dl, epochs=freeze_epochs, lr=head_lr or lr, device=device)
         rows += [dict(r, phase="head") for r in h.rows]
     for p in model.parameters(): p.requires_grad_(True)
     wd = (0.0 if l2sp is not None else 0.01) if weight_decay is None else weight_decay
-    opt = torch.optim.AdamW(discriminative_param_groups(model, lr / div, lr), weight_decay=wd)
+    opt = opt_func(discriminative_param_groups(model, lr / div, lr), weight_decay=wd)
     total = epochs * len(train_dl)
     sched = warmup_cosine(opt, round(warmup * total), total)
     cbs = ([l2sp] if l2sp is not None else []) + list(callbacks or [])

@@ -341,3 +341,29 @@ def test_one_gradient_reversal_in_the_package():
     adv = audit.AdversarialDebiasing(nn.Identity(), nn.Identity(), feat_dim=8, n_groups=3, hidden=5)
     assert isinstance(adv.adversary, DomainDiscriminator) and adv.adversary(torch.randn(2, 8)).shape == (2, 3)
     assert not hasattr(audit, "_Reverse")
+
+
+def test_dev_risk_control_variate():
+    from tltutor.dann import dev_risk
+    assert dev_risk([3.0] * 5, [0.1, 0.2, 0.05, 0.3, 0.1]) == pytest.approx(3.0)    # constant loss: exact, whatever the weights
+    assert dev_risk([1.0, 2.0, 3.0, 4.0], [1.0] * 4) == pytest.approx(2.5)          # equal weights: the plain mean
+    l, w = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.2, 0.4, 0.6, 0.8])
+    wl = w * l
+    eta = -np.cov(wl, w)[0, 1] / w.var(ddof=1)
+    assert dev_risk(torch.tensor(l), torch.tensor(w)) == pytest.approx(wl.mean() + eta * (w.mean() - 1))
+    for losses, weights, msg in [([1.0, 2.0], [1.0], "one value per validation item"), ([1.0], [1.0], "at least 2"),
+                                 ([1.0, float("nan")], [1.0, 1.0], "finite"), ([1.0, 2.0], [1.0, -0.5], "must be >= 0")]:
+        with pytest.raises(ValueError, match=msg): dev_risk(losses, weights)
+
+
+def test_density_ratio_recovers_gaussian_shift():
+    from tltutor.dann import density_ratio, dev_risk
+    rng = np.random.default_rng(1)
+    xs, xt, xv = rng.normal(0, 1, 1500), rng.normal(1, 1, 1500), rng.normal(0, 1, 800)
+    w = density_ratio(xs, xt, xv)
+    assert w.shape == (800,) and (w > 0).all()
+    assert np.corrcoef(w, np.exp(xv - 0.5))[0, 1] > 0.99 and abs(w.mean() - 1) < 0.15
+    assert dev_risk(xv ** 2, w) > 1.4 > (xv ** 2).mean()          # moves the source risk (about 1) towards the target's 2
+    with pytest.raises(ValueError, match="same feature extractor"): density_ratio(xs, xt, np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="must be positive numbers"): density_ratio(xs, xt, Cs=[0.1, -1])
+    with pytest.raises(ValueError, match="folds"): density_ratio(xs, xt, folds=1)

@@ -19,7 +19,7 @@ from .core import Callback, default_device
 # %% auto #0
 __all__ = ['GradientReversalFunction', 'grad_reverse', 'GradientReversal', 'dann_lambda', 'DomainDiscriminator', 'digit_features',
            'DANN', 'source_loss', 'DomainAdversary', 'mmd', 'mmd_test', 'a_distance', 'PseudoLabelled', 'pseudo_label',
-           'tsne_domains']
+           'tsne_domains', 'density_ratio', 'dev_risk']
 
 # %% ../nbs/17_dann.ipynb #b968948e
 def _check_lambda(lambda_) -> float:
@@ -328,3 +328,48 @@ def tsne_domains(source_feats, target_feats, labels=None, n: int = 300, seed: in
         ax.scatter(*zt.T, c=lt[i_t] % 10, s=12, marker="x", label="target (x)", **kw)
     ax.legend(loc="best", fontsize=8); ax.set(title=title, xlabel="t-SNE 1", ylabel="t-SNE 2", xticks=[], yticks=[])
     return ax
+
+# %% ../nbs/17_dann.ipynb #a3d26b26
+def density_ratio(source_feats, target_feats, query_feats=None, Cs: Sequence[float] = (0.001, 0.01, 0.1, 1.0),
+                  folds: int = 3, seed: int = 0) -> np.ndarray:
+    """Importance weights `w(x) = p_target(x) / p_source(x)` at `query_feats` (default: `source_feats`), from a domain
+    classifier: standardised logistic regression trained to tell `source_feats` (0) from `target_feats` (1), its
+    regularisation `C` picked from `Cs` by `folds`-fold cross-validated log-loss (calibrated probabilities, no labels
+    needed), then `w = (n_source / n_target) * P(target | x) / P(source | x)` (the first step of DEV)."""
+    import warnings
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    s, t = _pair(source_feats, target_feats)
+    q = s if query_feats is None else _as_feats(query_feats, "query_feats")
+    if q.shape[1] != s.shape[1]:
+        raise ValueError(f"query_feats have {q.shape[1]} features per row but source_feats have {s.shape[1]}: "
+                         "embed the validation images with the same feature extractor.")
+    Cs = [Cs] if isinstance(Cs, (int, float)) else list(Cs)
+    if not Cs or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0 for c in Cs):
+        raise ValueError(f"Cs={Cs!r} must be positive numbers (inverse regularisation strengths), e.g. (0.01, 0.1, 1.0).")
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= min(len(s), len(t)):
+        raise ValueError(f"folds={folds!r} must be an integer from 2 to the size of the smaller domain.")
+    X, d = torch.cat([s, t]).numpy(), np.repeat([0, 1], [len(s), len(t)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # convergence and scikit-learn's API-change notices
+        cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+        clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=Cs, cv=cv, scoring="neg_log_loss", max_iter=1000))
+        clf.fit(X, d)
+        p = np.clip(clf.predict_proba(q.numpy())[:, 1], 1e-6, 1 - 1e-6)
+    return len(s) / len(t) * p / (1 - p)
+
+def dev_risk(losses, weights) -> float:
+    """Deep embedded validation risk (You et al., ICML 2019): the importance-weighted mean of source-validation
+    `losses` with a control variate, `mean(w l) + eta * (mean(w) - 1)`, `eta = -Cov(w l, w) / Var(w)`. It estimates the
+    target risk; `eta` cancels the part of the weighted mean's noise that comes from weights not averaging to 1."""
+    l, w = (np.asarray(a.detach().cpu() if torch.is_tensor(a) else a, dtype=float).ravel() for a in (losses, weights))
+    if len(l) != len(w): raise ValueError(f"losses ({len(l)}) and weights ({len(w)}) need one value per validation item each.")
+    if len(l) < 2: raise ValueError(f"dev_risk needs at least 2 validation items; got {len(l)}.")
+    if not (np.isfinite(l).all() and np.isfinite(w).all()): raise ValueError("losses and weights must be finite numbers.")
+    if (w < 0).any(): raise ValueError("weights must be >= 0: they are density ratios p_target(x) / p_source(x) (see density_ratio).")
+    wl = w * l
+    var = w.var(ddof=1)
+    eta = -np.cov(wl, w, ddof=1)[0, 1] / var if var > 0 else 0.0
+    return float(wl.mean() + eta * w.mean() - eta)

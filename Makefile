@@ -22,7 +22,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 STAMP := $(VENV)/.tltutor-installed
 NBS ?= nbs/index.ipynb $(sort $(wildcard nbs/[0-9]*.ipynb))
 
-.PHONY: help install system-data browser prepare test test-lib sync-check readme-check course site lab refresh golden readme clean
+.PHONY: help install system-data browser prepare test test-lib sync-check readme-check course site lab refresh golden readme clean gpu-check
 
 help:
 	@echo "make test    - set up everything (venv, packages, offline data) and run pytest + nbval (what CI runs)"
@@ -31,6 +31,7 @@ help:
 	@echo "make install - the set-up alone (idempotent)"
 	@echo "make lab     - JupyterLab on nbs/        make refresh - re-execute notebooks to update stored outputs"
 	@echo "make test-lib - the quick loop: tests/ only, no notebooks"
+	@echo "make gpu-check - on a CUDA machine: fit with amp, a chapter and (2+ GPUs) DDP with nccl; skips without a GPU"
 	@echo "make golden  - rewrite nbs/golden/*.json (the reviewed numbers make test compares each chapter's record() with)"
 	@echo "               from _results/*.json of the last quiet, complete make test; keeps per-metric tolerances"
 
@@ -131,6 +132,11 @@ golden: $(STAMP)
 	@ls _results/*.json >/dev/null 2>&1 || { echo "error: no _results/*.json: run the chapters first (make test)"; exit 1; }
 	$(PY) -c "from tltutor.core import write_golden; write_golden()"
 	@git diff --stat -- nbs/golden || true
+
+# A short check on a CUDA machine (scripts/gpu_check.py): fit with amp, one chapter on the GPU, DDP with nccl on 2+ GPUs.
+# Without a GPU it prints why it skips and succeeds.
+gpu-check: install
+	$(PY) scripts/gpu_check.py
 
 readme: $(STAMP)
 	$(BIN)/jupyter nbconvert --log-level=WARN --to markdown nbs/index.ipynb --output-dir . --output README

@@ -111,6 +111,10 @@ ROWS = [
     ("extract.linear_probe(train_y)", "labels", lambda v: extract.linear_probe(np.zeros((len(v) if np.ndim(v) == 1 else 2, 3)), v), {"negative"}),
     ("extract.linear_probe(C)", "number", lambda v: extract.linear_probe(X.numpy(), Y.numpy(), C=v), set()),
     ("extract.linear_probe(train_feats)", "tensor", lambda v: extract.linear_probe(v.numpy(), np.arange(len(v)) % 2), set()),
+    ("extract.select_layer(y)", "labels", lambda v: extract.select_layer({"a": np.zeros((len(v) if np.ndim(v) == 1 else 2, 3))}, v), {"negative"}),
+    ("extract.select_layer(feats)", "tensor", lambda v: extract.select_layer({"a": v.numpy()}, np.arange(len(v)) % 2), set()),
+    ("extract.select_layer(folds)", "count", lambda v: extract.select_layer({"a": X.numpy()}, Y.numpy(), folds=v), set()),
+    ("extract.select_layer(C)", "number", lambda v: extract.select_layer({"a": X.numpy()}, Y.numpy(), C=v), set()),
     ("maml.MAML(steps)", "count", lambda v: maml.MAML(_model(), steps=v), {"zero"}),  # 0 steps = no adaptation, a valid baseline
     ("maml.MAML(lr)", "number", lambda v: maml.MAML(_model(), lr=v), set()),
     ("maml.evaluate_maml(n_way)", "count", lambda v: maml.evaluate_maml(_maml(), _ds(), n_way=v, episodes=2), set()),
@@ -128,6 +132,9 @@ EXTRA = [
     ("maml.evaluate_maml(n_way > head outputs)", lambda: maml.evaluate_maml(_maml(), _ds(), n_way=4, episodes=2)),
     ("core.accuracy(targets=probabilities)", lambda: core.accuracy(X[:4], torch.tensor([0.1, 0.9, 0.2, 0.7]))),
     ("imbalance.class_counts(num_classes too small)", lambda: imbalance.class_counts(Y, num_classes=2)),
+    ("extract.select_layer(one image per class, no default)", lambda: extract.select_layer({"a": X[:3].numpy()}, Y[:3].numpy())),
+    ("extract.select_layer(default not a block)", lambda: extract.select_layer({"a": X.numpy()}, Y.numpy(), default="b")),
+    ("extract.select_layer(feats not a dict)", lambda: extract.select_layer(X.numpy(), Y.numpy())),
 ]
 
 PROBLEM = re.compile(r"must|NaN|nan|inf|empty|no batches|integer|number|label|continuous|Mix of|out of range|positive|"

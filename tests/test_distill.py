@@ -178,7 +178,9 @@ def test_distill_cached_equals_live_teacher():
     teacher.eval()
     cached = cache_teacher(teacher, data)
     live = first_losses(data, Distill(T=3, alpha=0.2, teacher=teacher))
-    torch.testing.assert_close(first_losses(cached, Distill(T=3, alpha=0.2)), live)
+    # the cache runs the teacher in other batch sizes than the live loop: float32 sums in another order (~1e-7 apart
+    # on some CPUs), so compare at float32 precision; a wrong or misaligned cache differs by orders of magnitude more
+    torch.testing.assert_close(first_losses(cached, Distill(T=3, alpha=0.2)), live, rtol=1e-5, atol=1e-6)
     assert not teacher.training
 
 

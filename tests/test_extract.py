@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -16,8 +17,8 @@ from tltutor.backbones import feature_extractor
 from tltutor.data import ImageDataset, backbone_transform, subset_per_class
 import tltutor.extract
 from tltutor.extract import (FeatureExtractor, backbone_fingerprint, code_fingerprint, extract_features, extract_layers,
-                             feature_cache_dir, feature_cache_path, linear_probe, probe_layers, subset_index,
-                             transform_fingerprint)
+                             feature_cache_dir, feature_cache_path, linear_probe, probe_layers, select_layer,
+                             subset_index, transform_fingerprint)
 
 TFM = backbone_transform(32)
 
@@ -253,3 +254,23 @@ def test_probe_layers(net):
     assert res["stage2"]["test"][0] == pytest.approx(linear_probe(f[idx], train.y[idx]).score(ft, test.y))
     with pytest.raises(ValueError, match="pass `test`"): probe_layers(net, ["stem"], train)
     with pytest.raises(ValueError, match="choose from"): probe_layers(net, ["stage99"], train, k=2)
+
+
+def test_select_layer_is_sklearn_cross_validation_on_the_labelled_rows_only():
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 6)
+    feats = {"a": rng.normal(0, 1, (18, 5)), "b": rng.normal(0, 1, (18, 5)) + 1.5 * y[:, None], "c": rng.normal(0, 1, (18, 2))}
+    layer, scores = select_layer(feats, y, folds=4, C=0.5, seed=3)
+    cv = StratifiedKFold(4, shuffle=True, random_state=3)
+    for l, X in feats.items():                                     # the same folds and probe as scikit-learn's own
+        ref = cross_val_score(Pipeline([("s", StandardScaler()), ("lr", LogisticRegression(C=0.5, max_iter=2000))]), X, y, cv=cv)
+        assert scores[l] == pytest.approx(ref.mean(), abs=1e-12)
+    assert layer == max(scores, key=scores.get) == "b"
+    # folds are capped by the smallest class (2 images per class -> 2 folds), and one image per class needs a default
+    two = np.concatenate([np.flatnonzero(y == c)[:2] for c in range(3)])
+    assert select_layer({l: X[two] for l, X in feats.items()}, y[two])[0] in feats
+    one = two[::2]
+    assert select_layer({l: X[one] for l, X in feats.items()}, y[one], default="c") == ("c", {l: pytest.approx(np.nan, nan_ok=True) for l in feats})
+    with pytest.raises(ValueError, match="at least 2 per class"): select_layer({l: X[one] for l, X in feats.items()}, y[one])
+    with pytest.raises(ValueError, match="must be one of the blocks"): select_layer(feats, y, default="z")
+    with pytest.raises(TypeError, match="non-empty dict"): select_layer(feats["a"], y)

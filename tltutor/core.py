@@ -25,9 +25,9 @@ from .checks import check_finite, check_int, check_number
 
 # %% auto #0
 __all__ = ['METRICS', 'GOLDEN_ENV', 'DEFAULT_ABS', 'DEFAULT_REL', 'default_device', 'seed_everything', 'accuracy', 'predict',
-           'evaluate', 'History', 'FitState', 'Callback', 'fit', 'project_root', 'results_dir', 'atomic_write_text',
-           'record', 'golden_dir', 'golden_tolerance', 'compare_golden', 'golden_table', 'read_golden', 'check_golden',
-           'write_golden']
+           'evaluate', 'History', 'FitState', 'Callback', 'dist_info', 'shard_loader', 'save_checkpoint', 'fit',
+           'project_root', 'results_dir', 'atomic_write_text', 'record', 'golden_dir', 'golden_tolerance',
+           'compare_golden', 'golden_table', 'read_golden', 'check_golden', 'write_golden']
 
 # %% ../nbs/00_core.ipynb #52bc06b8
 def _mps_available() -> bool:
@@ -232,44 +232,149 @@ def _first_batch_error(e, out, yb):
     return ValueError(f"loss_fn failed on the first batch (model output {shape}, targets {tuple(yb.shape)} {yb.dtype}): {e}. "
                       "Does the model's last layer have one output per class, and are the targets class indices?")
 
+def dist_info() -> tuple[int, int]:
+    "`(rank, world_size)` of this process in its `torch.distributed` group, or `(0, 1)` when there is none."
+    d = torch.distributed
+    if d.is_available() and d.is_initialized(): return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+def shard_loader(dl, seed: int | None = None):
+    """`dl` with its dataset split across the processes of the `torch.distributed` group by a `DistributedSampler`
+    (same per-process batch size, shuffled when `dl` was); `dl` itself outside a group or if it is already sharded."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+    rank, world = dist_info()
+    if world == 1 or not isinstance(dl, DataLoader) or isinstance(dl.sampler, DistributedSampler): return dl
+    if dl.batch_size is None or type(dl.batch_sampler) is not BatchSampler:
+        raise ValueError("fit can only shard a DataLoader built with batch_size (and shuffle or not); for a custom "
+                         "batch_sampler, build the DataLoader with a torch.utils.data.distributed.DistributedSampler yourself.")
+    shuffle = isinstance(dl.sampler, RandomSampler)
+    if seed is None:  # every rank must draw the same permutation: rank 0's seed wins
+        g = getattr(dl, "generator", None)
+        seed = (g.initial_seed() if g is not None else torch.initial_seed()) % 2**31
+        t = torch.tensor([seed], dtype=torch.int64)
+        if torch.distributed.get_backend() == "nccl": t = t.cuda()
+        torch.distributed.broadcast(t, 0); seed = int(t.item())
+    sampler = DistributedSampler(dl.dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=dl.drop_last)
+    return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler, num_workers=dl.num_workers,
+                      collate_fn=dl.collate_fn, pin_memory=dl.pin_memory, drop_last=dl.drop_last,
+                      worker_init_fn=dl.worker_init_fn)
+
+def _rng_state(dl) -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available(): st["cuda"] = torch.cuda.get_rng_state_all()
+    for name, g in (("loader", getattr(dl, "generator", None)), ("sampler", getattr(getattr(dl, "sampler", None), "generator", None))):
+        if isinstance(g, torch.Generator): st[name] = g.get_state()
+    return st
+
+def _set_rng_state(st: dict, dl):
+    torch.set_rng_state(st["torch"]); np.random.set_state(st["numpy"]); random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
+    for name, g in (("loader", getattr(dl, "generator", None)), ("sampler", getattr(getattr(dl, "sampler", None), "generator", None))):
+        if name in st and isinstance(g, torch.Generator): g.set_state(st[name])
+
+def save_checkpoint(path, s) -> Path:
+    """Write the resumable state of a `fit` (`FitState` `s`: weights, optimizer, scheduler, epoch, history, random
+    states of every rank) to `path` atomically (a kill while writing leaves the previous file). Rank 0 writes."""
+    rank, world = dist_info()
+    rng = _rng_state(s.train_dl)
+    if world > 1:
+        rngs = [None] * world
+        torch.distributed.all_gather_object(rngs, rng)
+    else: rngs = [rng]
+    path = Path(path)
+    if rank == 0:
+        state = {"model": s.model.state_dict(), "opt": s.opt.state_dict(),
+                 "sched": s.sched.state_dict() if s.sched is not None else None, "epoch": s.epoch, "step": s.step,
+                 "epochs": s.epochs, "history": s.history.rows, "rng": rngs, "world_size": world}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp): os.unlink(tmp)
+            raise
+    if world > 1: torch.distributed.barrier()
+    return path
+
+def _load_checkpoint(path, s):
+    "Restore `s` from the checkpoint at `path` (written by `save_checkpoint`); the epoch to start from is `s.epoch + 1`."
+    try: ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e}); delete it to start afresh.") from None
+    if not isinstance(ck, dict) or not {"model", "opt", "epoch", "rng"} <= set(ck):
+        raise ValueError(f"{str(path)!r} is not a fit checkpoint (no model/opt/epoch); pass another checkpoint path.")
+    try: s.model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {str(path)!r} does not fit this model ({str(e).splitlines()[0]}); it belongs to "
+                         "another run: delete it or pass another checkpoint path.") from None
+    if ck["epoch"] > s.epochs:
+        raise ValueError(f"checkpoint {str(path)!r} is at epoch {ck['epoch']}, past epochs={s.epochs}: ask for at least "
+                         f"{ck['epoch']} epochs, or start afresh with another checkpoint path.")
+    s.opt.load_state_dict(ck["opt"])
+    if s.sched is not None and ck.get("sched") is not None: s.sched.load_state_dict(ck["sched"])
+    rank, world = dist_info()
+    rngs = ck["rng"]
+    _set_rng_state(rngs[rank] if len(rngs) == world else rngs[0], s.train_dl)
+    s.epoch, s.step, s.history = ck["epoch"], ck["step"], History(ck["history"])
+
 def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr: float = 1e-3, sched=None,
         loss_fn=None, metrics=("accuracy",), device=None, amp: bool = False, clip_grad: float | None = None,
-        callbacks=None, progress: bool = True) -> History:
+        callbacks=None, progress: bool = True, checkpoint=None) -> History:
     """Train `model` on `train_dl` for `epochs`; validate on `valid_dl` after each epoch; return the `History`.
 
     `opt`: None (AdamW at `lr`), an optimizer, or a factory `f(params)`. `sched`: an LR scheduler stepped after every batch.
     `loss_fn(output, targets)` defaults to cross-entropy. `amp` uses bfloat16 autocast on CUDA. `clip_grad` clips the
-    gradient norm. `callbacks`: `Callback` objects (see above). `progress=False` silences the progress bar."""
+    gradient norm. `callbacks`: `Callback` objects (see above). `progress=False` silences the progress bar.
+    `checkpoint`: a file path; the state is saved there after every epoch, and a run that finds the file resumes after
+    its epoch (same weights as an uninterrupted run). Inside a `torch.distributed` process group (e.g. under torchrun)
+    `model` is wrapped in `DistributedDataParallel`, `train_dl` is sharded (`shard_loader`), the train loss is averaged
+    over the ranks, and only rank 0 shows progress and writes the checkpoint."""
     epochs = check_int(epochs, "epochs")
     if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     _check_loader(train_dl, "train_dl")
     if valid_dl is not None: _check_loader(valid_dl, "valid_dl")
     if clip_grad is not None: check_number(clip_grad, "clip_grad", min=0, min_open=True, hint="or None for no clipping")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint={checkpoint!r} must be a file path (str or Path), or None for no checkpoints.")
     fns = _metric_fns(metrics)
     cbs = _check_callbacks(callbacks)
     device = default_device(device)
     model.to(device)
+    rank, world = dist_info()
+    train_dl, net = shard_loader(train_dl), model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
-    s = FitState(model=model, opt=_make_opt(opt, model, lr), sched=sched, loss_fn=loss_fn, device=device, amp=amp,
-                 epochs=epochs, epoch=0, step=0, history=History(), stop=False, train_dl=train_dl, valid_dl=valid_dl)
+    s = FitState(model=model, net=net, opt=_make_opt(opt, model, lr), sched=sched, loss_fn=loss_fn, device=device, amp=amp,
+                 epochs=epochs, epoch=0, step=0, history=History(), stop=False, train_dl=train_dl, valid_dl=valid_dl,
+                 rank=rank, world_size=world)
+    if checkpoint is not None and Path(checkpoint).is_file():
+        _load_checkpoint(checkpoint, s)
+        if rank == 0 and progress: print(f"fit: resumed from {checkpoint} after epoch {s.epoch} of {epochs}")
+    start = s.epoch + 1
     try: s.total_steps = epochs * len(train_dl)
     except TypeError: s.total_steps = None
     def hook(name):
         for cb in cbs:
             f = getattr(cb, name, None)
             if f is not None: f(s)
-    bar = tqdm(total=s.total_steps, disable=not progress, desc="fit", unit="batch", dynamic_ncols=True)
+    bar = tqdm(total=s.total_steps, initial=s.step if s.total_steps else 0, disable=not progress or rank != 0,
+               desc="fit", unit="batch", dynamic_ncols=True)
     hook("before_fit")
     try:
-        for s.epoch in range(1, epochs + 1):
+        for s.epoch in range(start, epochs + 1):
             model.train()
             s.log, t0, total, count = {}, time.perf_counter(), 0.0, 0
+            if hasattr(getattr(train_dl, "sampler", None), "set_epoch"): train_dl.sampler.set_epoch(s.epoch)
             hook("before_epoch")
             for batch in train_dl:
                 s.xb, s.yb, s.extra = _split_batch(_to(batch, device))
                 hook("before_batch")
                 with _autocast(device, amp):
-                    s.out = model(s.xb)
+                    s.out = net(s.xb)
                     try: s.loss = s.loss_fn(s.out, s.yb)  # a callback may swap state.loss_fn
                     except (RuntimeError, IndexError, ValueError) as e:
                         if s.step == 0: raise _first_batch_error(e, s.out, s.yb) from e
@@ -283,7 +388,7 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
                     raise FloatingPointError(f"the loss became {s.loss.item()} at epoch {s.epoch}, step {s.step}: "
                                              "lower the learning rate or set clip_grad.")
                 s.opt.zero_grad(set_to_none=True)
-                s.loss.backward()
+                s.loss.backward()  # under DDP the gradients are all-reduced (averaged over ranks) during this call
                 if clip_grad is not None: nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
                 s.opt.step()
                 if s.sched is not None: s.sched.step()
@@ -292,16 +397,21 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
                 hook("after_step")
                 bar.update(1)
                 if s.stop: break
+            if world > 1:  # the epoch's train loss over all ranks; rank 0's buffers (BatchNorm statistics) for all
+                t = torch.tensor([total, count], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+                torch.distributed.all_reduce(t); total, count = t[0].item(), int(t[1].item())
+                for b in model.buffers(): torch.distributed.broadcast(b.data, 0)
             if count == 0 and not s.stop:
                 raise ValueError("train_dl yielded no batches (an empty dataset or iterable?): there is nothing to train on.")
             row = {"epoch": s.epoch, "train_loss": total / max(count, 1)}
-            if valid_dl is not None:
+            if valid_dl is not None:  # every rank validates on the same weights, so the numbers agree
                 res = evaluate(model, valid_dl, metrics=list(fns.values()), loss_fn=s.loss_fn, device=device, amp=amp)
                 row["valid_loss"] = res.pop("loss"); row.update(res)
             hook("after_epoch")
             row.update(s.log); row["seconds"] = time.perf_counter() - t0
             s.history.append(row)
             bar.set_postfix({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "seconds"})
+            if checkpoint is not None: save_checkpoint(checkpoint, s)
             if s.stop: break
         hook("after_fit")
     finally: bar.close()
@@ -366,12 +476,14 @@ def atomic_write_text(path, text: str):
 
 def record(chapter: str, digits: int = 3, **metrics) -> Path:
     """Print `metrics` as a table (floats rounded to `digits`) and save them with run metadata to `_results/<chapter>.json`.
-    When `$TLTUTOR_GOLDEN` names a folder (test runs), also compare them with `<folder>/<chapter>.json` (`check_golden`)."""
+    When `$TLTUTOR_GOLDEN` names a folder (test runs), also compare them with `<folder>/<chapter>.json` (`check_golden`).
+    In a `torch.distributed` group only rank 0 prints and writes."""
     if not isinstance(chapter, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", chapter):
         raise ValueError(f"chapter={chapter!r} must be a file-name-safe string such as '10_feature_extraction'.")
     if not metrics: raise ValueError("record() needs at least one metric, e.g. record('00_core', accuracy=0.97).")
     if "_meta" in metrics: raise ValueError("'_meta' is reserved for the run metadata.")
     data = {k: _plain(v, k) for k, v in metrics.items()}
+    if dist_info()[0] != 0: return results_dir() / f"{chapter}.json"  # many processes: rank 0 writes
     data["_meta"] = {"chapter": chapter, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(default_device()),
                      "torch": torch.__version__, "python": platform.python_version(),
                      "seconds": round(_kernel_seconds(), 1)}

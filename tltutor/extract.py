@@ -18,12 +18,13 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-from .checks import check_labels, check_number
+from .checks import check_int, check_labels, check_number
 from .core import default_device
 from .data import ImageDataset, backbone_transform, cache_ok, data_home, load_npz, save_npz, subset_per_class
 from .backbones import block_features, layer_groups, pretrained
@@ -31,7 +32,7 @@ from .backbones import block_features, layer_groups, pretrained
 # %% auto #0
 __all__ = ['DEFAULT_SIZE', 'feature_cache_dir', 'backbone_fingerprint', 'code_fingerprint', 'transform_fingerprint',
            'images_fingerprint', 'feature_cache_path', 'extract_layers', 'extract_features', 'linear_probe',
-           'FeatureExtractor', 'subset_index', 'probe_layers']
+           'FeatureExtractor', 'subset_index', 'probe_layers', 'select_layer']
 
 # %% ../nbs/10_feature_extraction.ipynb #95e29d30
 DEFAULT_SIZE = 64  # px: the resolution this chapter feeds MobileNetV2 (see the experiment below)
@@ -277,3 +278,31 @@ def probe_layers(backbone, layers, train, k: int | None = None, seeds=(0,), test
             if len(rest): out[l]["valid"].append(float(pr.score(ftr[l][rest], ytr[rest])))
             if fte is not None: out[l]["test"].append(float(pr.score(fte[l], np.asarray(test.y))))
     return out
+
+# %% ../nbs/10_feature_extraction.ipynb #b7ddef58
+def select_layer(feats: dict, y, folds: int = 5, C: float = 0.05, default: str | None = None, seed: int = 0) -> tuple:
+    """`(layer, {layer: mean fold accuracy})`: the block of `feats` (`{layer: (N, D) array}` of the labelled images only)
+    whose linear probe scores best in stratified `folds`-fold cross-validation (ties: the earlier block). If a class has
+    a single image nothing can be validated: `default` is returned (scores NaN), or a `ValueError` if it is None."""
+    if not isinstance(feats, dict) or not feats:
+        raise TypeError("feats must be a non-empty dict {layer: (N, D) array} of the labelled images' features "
+                        f"(e.g. from extract_layers); got {'an empty dict' if isinstance(feats, dict) else type(feats).__name__}.")
+    folds = check_int(folds, "folds", min=2, hint="the number of cross-validation folds, e.g. 5")
+    check_number(C, "C", min=0, min_open=True, hint="the inverse L2 strength, e.g. 0.05")
+    seed = check_int(seed, "seed", min=0)
+    X = {}
+    for layer, f in feats.items(): X[layer], labels = _check_xy(f, y, what=f"feats[{layer!r}]")
+    if default is not None and default not in X:
+        raise ValueError(f"default={default!r} must be one of the blocks in feats: {list(X)}.")
+    counts = np.unique(labels, return_counts=True)[1]
+    if len(counts) < 2: raise ValueError("the labels hold a single class; a classifier needs at least two.")
+    if counts.min() < 2:
+        if default is None:
+            raise ValueError(f"the smallest class has {counts.min()} labelled image: cross-validation needs at least 2 "
+                             "per class. Pass default='final_conv' (or another block) to fall back to a fixed block.")
+        return default, {layer: float("nan") for layer in X}
+    cv = StratifiedKFold(min(folds, int(counts.min())), shuffle=True, random_state=seed)
+    splits = list(cv.split(np.zeros(len(labels)), labels))
+    scores = {layer: float(np.mean([linear_probe(x[tr], labels[tr], C=C).score(x[va], labels[va]) for tr, va in splits]))
+              for layer, x in X.items()}
+    return max(scores, key=scores.get), scores

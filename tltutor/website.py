@@ -189,7 +189,7 @@ HEADLINES = {
     "00_core": "`fit` trains a small network on two moons to {moons_valid_accuracy:.1%} validation accuracy.",
     "01_data": "Five real datasets load offline; the few-shot glyph set has {glyph_characters:,} characters in {glyph_alphabets} alphabets.",
     "02_backbones": "Linear probes on MobileNetV2's blocks peak at {probe_best_block}; the final convolution reaches {probe_accuracy.final_conv:.1%}.",
-    "10_feature_extraction": "With 5 labels per class a linear head on frozen features scores {probe_k5:.1%}, a CNN trained from scratch {scratch_k5:.1%}.",
+    "10_feature_extraction": "With 5 labels per class, a linear head on frozen features (its layer chosen by cross-validation on those labels) scores {probe_cv_k5:.1%}; raw pixels {pixels_k5:.1%}, a CNN trained from scratch {scratch_k5:.1%}.",
     "11_fine_tuning": "Full fine-tuning reaches {full_ft:.1%}, a new head on the frozen network {head_only:.1%}, training from scratch {scratch:.1%}.",
     "12_freezing": "With 20 labels per class, training the last 3 groups scores {grid.20/class.last 3:.1%}; the head alone {grid.20/class.head only:.1%}, everything {grid.20/class.all:.1%}.",
     "13_imbalance": "On a {imbalance_ratio}:1 long tail, {best_method} reaches {best_bal_acc:.1%} balanced accuracy; plain cross-entropy {ce_bal_acc:.1%}.",

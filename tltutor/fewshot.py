@@ -24,7 +24,7 @@ from .core import default_device, fit
 
 # %% auto #0
 __all__ = ['DISTANCES', 'EpisodeSampler', 'conv_block', 'conv4', 'prototypes', 'proto_logits', 'ProtoNet', 'train_protonet',
-           'EpisodeScore', 'embed_dataset', 'evaluate_episodes', 'classifier_cache_path', 'pretrain_classifier']
+           'EpisodeScore', 'embed_dataset', 'evaluate_episodes', 'pretrain_classifier']
 
 # %% ../nbs/14_prototypes.ipynb #cd2ac434
 def _positive_int(name: str, v, minimum: int = 1) -> int:
@@ -334,7 +334,7 @@ def _classifier_key(ds, hidden: int, epochs: int, lr: float, batch_size: int, se
                 epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, num_classes=num_classes,
                 code=code_fingerprint([conv4, conv_block, pretrain_classifier, fit]))
 
-def classifier_cache_path(key: dict) -> Path:
+def _classifier_cache_path(key: dict) -> Path:
     "The cache file of the classifier described by `key` (from `_classifier_key`): `$TLTUTOR_HOME/models/conv4-classifier-<hash>.npz`."
     from tltutor.data import data_home
     from tltutor.extract import _sha
@@ -357,7 +357,7 @@ def pretrain_classifier(train_ds, hidden: int = 32, epochs: int = 2, lr: float =
     y = _as_labels(train_ds.y)
     num_classes = int(y.max()) + 1 if num_classes is None else _positive_int("num_classes", num_classes, int(y.max()) + 1)
     key = _classifier_key(train_ds, hidden, epochs, float(lr), batch_size, seed, num_classes)
-    path = classifier_cache_path(key)
+    path = _classifier_cache_path(key)
     torch.manual_seed(seed)
     model = conv4(hidden=hidden, num_classes=num_classes)
     if cache:

@@ -102,6 +102,8 @@ ROWS = [
     ("fewshot.prototypes(emb)", "tensor", lambda v: fewshot.prototypes(v, torch.arange(len(v)) % 2 if v.ndim else Y[:0]), set()),
     ("fewshot.proto_logits(scale)", "number", lambda v: fewshot.proto_logits(X, X[:3], scale=v), set()),
     ("fewshot.conv4(hidden)", "count", lambda v: fewshot.conv4(hidden=v), set()),
+    ("fewshot.pretrain_classifier(epochs)", "count", lambda v: fewshot.pretrain_classifier(_ds(), epochs=v, cache=False), set()),
+    ("fewshot.pretrain_classifier(lr)", "number", lambda v: fewshot.pretrain_classifier(_ds(), lr=v, cache=False), set()),
     ("audit.group_metrics(y_pred)", "pred_vs_int_truth", lambda v: audit.group_metrics(YT, v, G, n_boot=0), set()),
     ("audit.group_metrics(y_true)", "labels", lambda v: audit.group_metrics(v, YT, G, n_boot=0), {"negative"}),
     ("audit.group_metrics(n_boot)", "count", lambda v: audit.group_metrics(YT, YT, G, n_boot=v), {"zero"}),

@@ -5,8 +5,10 @@
 # %% ../nbs/14_prototypes.ipynb #e9aa002f
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -22,7 +24,7 @@ from .core import default_device, fit
 
 # %% auto #0
 __all__ = ['DISTANCES', 'EpisodeSampler', 'conv_block', 'conv4', 'prototypes', 'proto_logits', 'ProtoNet', 'train_protonet',
-           'EpisodeScore', 'embed_dataset', 'evaluate_episodes']
+           'EpisodeScore', 'embed_dataset', 'evaluate_episodes', 'pretrain_classifier']
 
 # %% ../nbs/14_prototypes.ipynb #cd2ac434
 def _positive_int(name: str, v, minimum: int = 1) -> int:
@@ -322,3 +324,60 @@ def evaluate_episodes(embed_fn, dataset, n_way: int = 5, k_shot: int = 1, episod
     score_s = time.perf_counter() - t1
     ci = 1.96 * accs.std().item() / math.sqrt(episodes)
     return EpisodeScore(accs.mean().item(), ci, episodes, accs, embed_s, score_s)
+
+# %% ../nbs/14_prototypes.ipynb #1b65d883
+def _classifier_key(ds, hidden: int, epochs: int, lr: float, batch_size: int, seed: int, num_classes: int) -> dict:
+    "Everything that determines a pretrained classifier: the images, the labels, the settings and the code."
+    from tltutor.extract import _sha, code_fingerprint, images_fingerprint
+    x, y = torch.as_tensor(ds.x), torch.as_tensor(ds.y)
+    return dict(images=images_fingerprint(x.float()), labels=_sha(y.long().numpy().tobytes())[:16], hidden=hidden,
+                epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, num_classes=num_classes,
+                code=code_fingerprint([conv4, conv_block, pretrain_classifier, fit]))
+
+def _classifier_cache_path(key: dict) -> Path:
+    "The cache file of the classifier described by `key` (from `_classifier_key`): `$TLTUTOR_HOME/models/conv4-classifier-<hash>.npz`."
+    from tltutor.data import data_home
+    from tltutor.extract import _sha
+    return data_home() / "models" / f"conv4-classifier-{_sha(json.dumps(key, sort_keys=True))[:20]}.npz"
+
+def pretrain_classifier(train_ds, hidden: int = 32, epochs: int = 2, lr: float = 3e-3, batch_size: int = 128,
+                        seed: int = 0, num_classes: int | None = None, cache: bool = True, device=None,
+                        progress: bool = False) -> tuple:
+    """A `conv4(hidden, num_classes)` trained with plain cross-entropy on the labelled images `train_ds` (`.x`, `.y`):
+    `epochs` epochs of AdamW with a one-cycle schedule peaking at `lr`, shuffled from `seed`. Returns
+    `(model, info)`; `info` holds the per-epoch `train_loss`, the wall and CPU `seconds` the training took, and
+    `cached` (True when it was read from `$TLTUTOR_HOME/models`). The cache is keyed by the images, labels, settings
+    and code, so chapters that need the same body train it once."""
+    if not (hasattr(train_ds, "x") and hasattr(train_ds, "y")):
+        raise TypeError(f"train_ds must have tensors .x and .y (e.g. tltutor.data.load(...)); got {type(train_ds).__name__}.")
+    hidden, epochs, batch_size = (_positive_int(n, v) for n, v in
+                                  (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size)))
+    seed = _positive_int("seed", seed, 0)
+    check_number(lr, "lr", min=0, min_open=True, hint="the peak learning rate, e.g. 3e-3")
+    y = _as_labels(train_ds.y)
+    num_classes = int(y.max()) + 1 if num_classes is None else _positive_int("num_classes", num_classes, int(y.max()) + 1)
+    key = _classifier_key(train_ds, hidden, epochs, float(lr), batch_size, seed, num_classes)
+    path = _classifier_cache_path(key)
+    torch.manual_seed(seed)
+    model = conv4(hidden=hidden, num_classes=num_classes)
+    if cache:
+        from tltutor.data import cache_ok, load_npz
+        if cache_ok(path):
+            arrays = load_npz(path)
+            if json.loads(str(arrays["key"])) == key:
+                model.load_state_dict({k[2:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("w:")})
+                info = json.loads(str(arrays["info"]))
+                return model, {**info, "cached": True}
+    dl = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(dl), pct_start=0.2)
+    t0, c0 = time.perf_counter(), time.process_time()
+    hist = fit(model, dl, epochs=epochs, opt=opt, sched=sched, metrics=None, device=device, progress=progress)
+    info = dict(train_loss=[float(l) for l in hist["train_loss"]], seconds=time.perf_counter() - t0,
+                cpu_seconds=time.process_time() - c0)
+    model.cpu()
+    if cache:
+        from tltutor.data import save_npz
+        save_npz(path, key=np.array(json.dumps(key, sort_keys=True)), info=np.array(json.dumps(info)),
+                 **{f"w:{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+    return model, {**info, "cached": False}

@@ -5,11 +5,8 @@
 # %% ../nbs/02_backbones.ipynb #4a93adff
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import os
 import shutil
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -22,12 +19,13 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-from .core import default_device
+from .checks import check_int
+from .core import atomic_write, default_device, sha256_file
 
 # %% auto #0
-__all__ = ['BACKBONES', 'PREPARE_CMD', 'WeightsUnavailable', 'sha256_file', 'status', 'prepare', 'weights_meta', 'check_images',
-           'pretrained', 'layer_groups', 'replace_head', 'to_chw', 'predict_labels', 'FeatureExtractor',
-           'feature_extractor', 'block_features', 'BackboneSummary', 'summary', 'throughput']
+__all__ = ['BACKBONES', 'PREPARE_CMD', 'WeightsUnavailable', 'status', 'prepare', 'weights_meta', 'check_images', 'pretrained',
+           'layer_groups', 'replace_head', 'to_chw', 'predict_labels', 'FeatureExtractor', 'feature_extractor',
+           'block_features', 'BackboneSummary', 'summary', 'throughput']
 
 # %% ../nbs/02_backbones.ipynb #e30c0c13
 BACKBONES = ("mobilenet_v2", "efficientnet_lite0")  # the backbones that work offline
@@ -62,13 +60,6 @@ def _check_name(name) -> str:
     if key in _OFFLINE or key in torchvision.models.list_models(module=torchvision.models): return key
     raise ValueError(f"unknown backbone {name!r}. Offline: {', '.join(BACKBONES)}; online, any torchvision "
                      "classification model from torchvision.models.list_models(module=torchvision.models).")
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    "Hex sha256 of the file at `path`."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""): h.update(block)
-    return h.hexdigest()
 
 _SHA_MEMO = {}
 def _verified(path, sha256: str) -> bool:
@@ -117,12 +108,7 @@ def prepare(names=None) -> list:
                                      f"reinstall it: {spec['pip'].replace('install', 'install --force-reinstall')}")
         dest = _cache_file(n)
         if dest == pkg or _verified(dest, spec["sha256"]): continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"); os.close(fd)
-        try:
-            shutil.copyfile(pkg, tmp); os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp): os.unlink(tmp)
+        with open(pkg, "rb") as src: atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
         if not _verified(dest, spec["sha256"]): raise WeightsUnavailable(f"{n}: copying to {dest} failed the sha256 check.")
     return [r for r in status() if r["name"] in names]
 
@@ -224,10 +210,7 @@ def pretrained(name: str = "mobilenet_v2", num_classes: int | None = None, devic
 
 # %% ../nbs/02_backbones.ipynb #80c9990c
 def _check_num_classes(num_classes):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes={num_classes!r} must be an integer >= 1 (the number of classes of your task), "
-                         "or None to keep the 1000 ImageNet classes.")
-    return num_classes
+    return check_int(num_classes, "num_classes", hint="the number of classes of your task, or None to keep the 1000 ImageNet classes")
 
 # %% ../nbs/02_backbones.ipynb #40f4fec9
 def _stride_is_1(s) -> bool:
@@ -402,7 +385,7 @@ def summary(model: nn.Module, input_size: int | None = None) -> BackboneSummary:
 @torch.no_grad()
 def throughput(model: nn.Module, size: int = 64, batch_size: int = 32, batches: int = 3, device=None) -> float:
     "Images per second through `feature_extractor(model)` at `size` px (after one warm-up batch)."
-    if not isinstance(size, int) or size < 8: raise ValueError(f"size={size!r} must be an integer >= 8 (pixels).")
+    size = check_int(size, "size", min=8, hint="pixels")
     dev = default_device(device)
     fe = feature_extractor(model).to(dev).eval()
     x = torch.randn(batch_size, fe.in_channels, size, size, device=dev)

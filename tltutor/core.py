@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb #9d1d8500
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,9 +26,10 @@ from .checks import check_finite, check_int, check_number
 
 # %% auto #0
 __all__ = ['METRICS', 'GOLDEN_ENV', 'DEFAULT_ABS', 'DEFAULT_REL', 'default_device', 'seed_everything', 'accuracy', 'predict',
-           'evaluate', 'History', 'FitState', 'Callback', 'dist_info', 'shard_loader', 'save_checkpoint', 'fit',
-           'project_root', 'results_dir', 'atomic_write_text', 'record', 'golden_dir', 'golden_tolerance',
-           'compare_golden', 'golden_table', 'read_golden', 'check_golden', 'write_golden']
+           'evaluate', 'History', 'FitState', 'Callback', 'check_optimizer', 'dist_info', 'shard_loader',
+           'save_checkpoint', 'fit', 'sha256_file', 'atomic_write', 'atomic_write_text', 'project_root', 'results_dir',
+           'record', 'golden_dir', 'golden_tolerance', 'compare_golden', 'golden_table', 'read_golden', 'check_golden',
+           'write_golden']
 
 # %% ../nbs/00_core.ipynb #52bc06b8
 def _mps_available() -> bool:
@@ -227,6 +229,16 @@ def _make_opt(opt, model, lr):
     if callable(opt): return opt(params)
     raise TypeError(f"opt={opt!r} must be None (AdamW), an optimizer, or a factory like functools.partial(torch.optim.SGD, lr=0.1).")
 
+def check_optimizer(opt: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    "Raise if a trainable parameter of `model` is missing from `opt` (an optimizer built before unfreezing); else return `opt`."
+    inside = {id(p) for g in opt.param_groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    if missing:
+        raise ValueError(f"{len(missing)} trainable parameters (e.g. {missing[:2]}) are not in the optimizer: it was built "
+                         "before they were unfrozen, so they would get gradients but never change. Rebuild it after "
+                         "unfreezing, e.g. opt = optimizer_for(model, lr_lo, lr_hi, old=opt) (tltutor.freeze).")
+    return opt
+
 def _first_batch_error(e, out, yb):
     shape = tuple(_first(out).shape) if torch.is_tensor(_first(out)) else type(out).__name__
     return ValueError(f"loss_fn failed on the first batch (model output {shape}, targets {tuple(yb.shape)} {yb.dtype}): {e}. "
@@ -287,14 +299,7 @@ def save_checkpoint(path, s) -> Path:
         state = {"model": s.model.state_dict(), "opt": s.opt.state_dict(),
                  "sched": s.sched.state_dict() if s.sched is not None else None, "epoch": s.epoch, "step": s.step,
                  "epochs": s.epochs, "history": s.history.rows, "rng": rngs, "world_size": world}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp): os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: torch.save(state, f))
     if world > 1: torch.distributed.barrier()
     return path
 
@@ -324,7 +329,8 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
         callbacks=None, progress: bool = True, checkpoint=None) -> History:
     """Train `model` on `train_dl` for `epochs`; validate on `valid_dl` after each epoch; return the `History`.
 
-    `opt`: None (AdamW at `lr`), an optimizer, or a factory `f(params)`. `sched`: an LR scheduler stepped after every batch.
+    `opt`: None (AdamW at `lr`), an optimizer, or a factory `f(params)`; before every epoch `fit` raises if a trainable
+    parameter is missing from it (`check_optimizer`), since such a parameter would silently never move. `sched`: an LR scheduler stepped after every batch.
     `loss_fn(output, targets)` defaults to cross-entropy. `amp` uses bfloat16 autocast on CUDA. `clip_grad` clips the
     gradient norm. `callbacks`: `Callback` objects (see above). `progress=False` silences the progress bar.
     `checkpoint`: a file path; the state is saved there after every epoch, and a run that finds the file resumes after
@@ -370,6 +376,7 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
             s.log, t0, total, count = {}, time.perf_counter(), 0.0, 0
             if hasattr(getattr(train_dl, "sampler", None), "set_epoch"): train_dl.sampler.set_epoch(s.epoch)
             hook("before_epoch")
+            check_optimizer(s.opt, model)  # after the callbacks, which may unfreeze layers and rebuild the optimizer
             for batch in train_dl:
                 s.xb, s.yb, s.extra = _split_batch(_to(batch, device))
                 hook("before_batch")
@@ -417,6 +424,39 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
     finally: bar.close()
     return s.history
 
+# %% ../nbs/00_core.ipynb #56bfe94b
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    "Hex sha256 of the file at `path` (read `chunk` bytes at a time)."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""): h.update(block)
+    return h.hexdigest()
+
+def atomic_write(path, data) -> Path:
+    """Write `data` to `path` atomically (a temporary file in the same folder, then a rename; a kill while writing
+    leaves the previous file). `data`: a `str` (UTF-8 text), `bytes`, or a function `f(file)` that writes to the open
+    binary file, e.g. `lambda f: torch.save(state, f)`. The file gets the usual permissions (0666 less the umask)."""
+    if not isinstance(data, (str, bytes)) and not callable(data):
+        raise TypeError(f"data must be a str, bytes or a function f(file) that writes; got {type(data).__name__}.")
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data): data(f)
+            else: f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp): os.unlink(tmp)
+        raise
+    return path
+
+def atomic_write_text(path, text: str) -> Path:
+    "`atomic_write` of the string `text` (UTF-8)."
+    if not isinstance(text, str): raise TypeError(f"text must be a str; got {type(text).__name__} (for bytes use atomic_write).")
+    return atomic_write(path, text)
+
 # %% ../nbs/00_core.ipynb #8a2b78fd
 _IMPORT_TIME = time.time()
 
@@ -459,20 +499,6 @@ def _rounded(v, digits: int = 3):
     "`v` rounded to `digits` decimals; a small float to `digits` significant digits instead (1e-4 stays 1e-4, not 0.0)."
     if not isinstance(v, float): return v
     return round(v, digits) if v == 0 or abs(v) >= 10 ** -digits else float(f"{v:.{digits}g}")
-
-def atomic_write_text(path, text: str):
-    "Write `text` to `path` atomically (temporary file in the same folder, then rename)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
 
 def record(chapter: str, digits: int = 3, **metrics) -> Path:
     """Print `metrics` as a table (floats rounded to `digits`) and save them with run metadata to `_results/<chapter>.json`.

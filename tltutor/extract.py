@@ -252,12 +252,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 # %% ../nbs/10_feature_extraction.ipynb #0dbb31de
 def subset_index(ds: ImageDataset, k: int, seed: int = 0) -> np.ndarray:
     "Positions in `ds` of the items `tltutor.data.subset_per_class(ds, k, seed)` picks (to slice cached features)."
-    if not isinstance(ds, ImageDataset):
-        raise TypeError(f"subset_index needs an ImageDataset (tltutor.data.load); got {type(ds).__name__}.")
-    # Workaround, small and on purpose: subset_per_class returns images, not positions. Run it on a stand-in data set
-    # whose "images" are the positions: its choice depends only on the labels, k and seed.
-    pos = ImageDataset(torch.arange(len(ds), dtype=torch.float32).view(-1, 1, 1, 1), ds.y, ds.classes, ds.name, ds.split)
-    return subset_per_class(pos, k, seed).x.view(-1).long().numpy()
+    return subset_per_class(ds, k, seed, return_indices=True)
 
 def probe_layers(backbone, layers, train, k: int | None = None, seeds=(0,), test=None, transform=None,
                  C: float = 0.05, **extract_kw) -> dict:

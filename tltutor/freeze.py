@@ -13,12 +13,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .backbones import BackboneSummary, layer_groups, summary
-from .core import Callback, default_device
+from .checks import check_int
+from .core import Callback, check_optimizer, default_device
 from .finetune import discriminative_param_groups
 
 # %% auto #0
-__all__ = ['group_index', 'freeze_bn', 'unfreeze_bn', 'freeze', 'unfreeze', 'trainable', 'optimizer_for', 'check_optimizer',
-           'GradualUnfreezing', 'TopModel', 'PrefixCache', 'cache_frozen_prefix', 'bn_drift']
+__all__ = ['group_index', 'freeze_bn', 'unfreeze_bn', 'freeze', 'unfreeze', 'trainable', 'optimizer_for', 'GradualUnfreezing',
+           'TopModel', 'PrefixCache', 'cache_frozen_prefix', 'bn_drift']
 
 # %% ../nbs/12_freezing.ipynb #91e4620c
 def group_index(model: nn.Module, key) -> int:
@@ -130,16 +131,6 @@ def optimizer_for(model: nn.Module, lr_lo: float = 1e-3, lr_hi: float = 1e-3, ol
             if id(p) in keep: opt.state[p] = st
     return opt
 
-def check_optimizer(opt: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
-    "Raise if a trainable parameter of `model` is missing from `opt` (an optimizer built before unfreezing); else return `opt`."
-    inside = {id(p) for g in opt.param_groups for p in g["params"]}
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
-    if missing:
-        raise ValueError(f"{len(missing)} trainable parameters (e.g. {missing[:2]}) are not in the optimizer: it was built "
-                         "before they were unfrozen, so they would get gradients but never change. Rebuild it after "
-                         "unfreezing, e.g. opt = optimizer_for(model, lr_lo, lr_hi, old=opt).")
-    return opt
-
 # %% ../nbs/12_freezing.ipynb #18443a07
 class GradualUnfreezing(Callback):
     """`fit` callback: train the top `start` layer groups first, then unfreeze `step` more groups every `every` epochs,
@@ -147,9 +138,8 @@ class GradualUnfreezing(Callback):
     keep their BatchNorm in eval mode. Logs the number of trainable groups as the History column `unfrozen`."""
     def __init__(self, every: int = 1, start: int = 1, step: int = 1, lr_lo: float = 1e-4, lr_hi: float = 1e-3,
                  weight_decay: float = 0.01):
-        for v, n in [(every, "every"), (start, "start"), (step, "step")]:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{n}={v!r} must be a positive integer (every: epochs per stage; start, step: groups).")
+        every, start, step = (check_int(v, n, hint="every: epochs per stage; start, step: groups")
+                              for v, n in [(every, "every"), (start, "start"), (step, "step")])
         self.every, self.start, self.step = every, start, step
         self.lr_lo, self.lr_hi, self.weight_decay = lr_lo, lr_hi, weight_decay
 

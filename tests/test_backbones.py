@@ -180,9 +180,9 @@ def test_unknown_backbone():
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "10"])
 def test_bad_num_classes(bad, r18):
-    with pytest.raises(ValueError, match="must be an integer >= 1"):
+    with pytest.raises(ValueError, match="must be a positive integer; the number of classes"):
         pretrained("mobilenet_v2", num_classes=bad)
-    with pytest.raises(ValueError, match="must be an integer >= 1"):
+    with pytest.raises(ValueError, match="must be a positive integer; the number of classes"):
         replace_head(r18, bad)
 
 

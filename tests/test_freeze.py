@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tltutor.backbones import layer_groups
-from tltutor.core import Callback, fit, seed_everything
-from tltutor.freeze import (GradualUnfreezing, PrefixCache, bn_drift, cache_frozen_prefix, check_optimizer, freeze,
+from tltutor.core import Callback, check_optimizer, fit, seed_everything
+from tltutor.freeze import (GradualUnfreezing, PrefixCache, bn_drift, cache_frozen_prefix, freeze,
                             freeze_bn, group_index, optimizer_for, trainable, unfreeze, unfreeze_bn)
 
 
@@ -171,9 +171,12 @@ def test_optimizer_built_before_unfreezing_is_caught_and_fixed():
     opt = optimizer_for(m)                                  # head only
     unfreeze(m, from_="final_conv")
     w0 = m.features[-1][0].weight.detach().clone()
-    fit(m, DataLoader(images(), batch_size=4), opt=opt, progress=False, metrics=None)
+    for x, y in DataLoader(images(), batch_size=4):        # a plain training loop does not notice ...
+        opt.zero_grad(); torch.nn.functional.cross_entropy(m.train()(x), y).backward(); opt.step()
     assert torch.equal(m.features[-1][0].weight, w0)        # never moved: not in the optimizer
     with pytest.raises(ValueError, match="built before they were unfrozen"): check_optimizer(opt, m)
+    with pytest.raises(ValueError, match="built before they were unfrozen"):  # ... fit does
+        fit(m, DataLoader(images(), batch_size=4), opt=opt, progress=False, metrics=None)
     new = check_optimizer(optimizer_for(m, 1e-4, 1e-3, old=opt), m)
     head_w = m.classifier[1].weight
     assert new.state[head_w]["exp_avg"] is opt.state[head_w]["exp_avg"]

@@ -26,8 +26,8 @@ from .checks import check_finite, check_int, check_number
 
 # %% auto #0
 __all__ = ['METRICS', 'GOLDEN_ENV', 'DEFAULT_ABS', 'DEFAULT_REL', 'default_device', 'seed_everything', 'accuracy', 'predict',
-           'evaluate', 'History', 'FitState', 'Callback', 'check_optimizer', 'dist_info', 'shard_loader',
-           'save_checkpoint', 'fit', 'sha256_file', 'atomic_write', 'atomic_write_text', 'project_root', 'results_dir',
+           'evaluate', 'History', 'FitState', 'Callback', 'sha256_file', 'atomic_write', 'atomic_write_text',
+           'check_optimizer', 'dist_info', 'shard_loader', 'save_checkpoint', 'fit', 'project_root', 'results_dir',
            'record', 'golden_dir', 'golden_tolerance', 'compare_golden', 'golden_table', 'read_golden', 'check_golden',
            'write_golden']
 
@@ -219,6 +219,39 @@ def _check_callbacks(callbacks) -> list:
         if not any(callable(getattr(cb, h, None)) for h in _HOOKS):
             raise TypeError(f"callback {cb!r} has none of the hook methods {_HOOKS}.")
     return sorted(callbacks, key=lambda cb: getattr(cb, "order", 0))
+
+# %% ../nbs/00_core.ipynb #56bfe94b
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    "Hex sha256 of the file at `path` (read `chunk` bytes at a time)."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""): h.update(block)
+    return h.hexdigest()
+
+def atomic_write(path, data) -> Path:
+    """Write `data` to `path` atomically (a temporary file in the same folder, then a rename; a kill while writing
+    leaves the previous file). `data`: a `str` (UTF-8 text), `bytes`, or a function `f(file)` that writes to the open
+    binary file, e.g. `lambda f: torch.save(state, f)`. The file gets the usual permissions (0666 less the umask)."""
+    if not isinstance(data, (str, bytes)) and not callable(data):
+        raise TypeError(f"data must be a str, bytes or a function f(file) that writes; got {type(data).__name__}.")
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data): data(f)
+            else: f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp): os.unlink(tmp)
+        raise
+    return path
+
+def atomic_write_text(path, text: str) -> Path:
+    "`atomic_write` of the string `text` (UTF-8)."
+    if not isinstance(text, str): raise TypeError(f"text must be a str; got {type(text).__name__} (for bytes use atomic_write).")
+    return atomic_write(path, text)
 
 # %% ../nbs/00_core.ipynb #630f1025
 def _make_opt(opt, model, lr):
@@ -423,39 +456,6 @@ def fit(model: nn.Module, train_dl, valid_dl=None, epochs: int = 1, opt=None, lr
         hook("after_fit")
     finally: bar.close()
     return s.history
-
-# %% ../nbs/00_core.ipynb #56bfe94b
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    "Hex sha256 of the file at `path` (read `chunk` bytes at a time)."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""): h.update(block)
-    return h.hexdigest()
-
-def atomic_write(path, data) -> Path:
-    """Write `data` to `path` atomically (a temporary file in the same folder, then a rename; a kill while writing
-    leaves the previous file). `data`: a `str` (UTF-8 text), `bytes`, or a function `f(file)` that writes to the open
-    binary file, e.g. `lambda f: torch.save(state, f)`. The file gets the usual permissions (0666 less the umask)."""
-    if not isinstance(data, (str, bytes)) and not callable(data):
-        raise TypeError(f"data must be a str, bytes or a function f(file) that writes; got {type(data).__name__}.")
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data): data(f)
-            else: f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
-
-def atomic_write_text(path, text: str) -> Path:
-    "`atomic_write` of the string `text` (UTF-8)."
-    if not isinstance(text, str): raise TypeError(f"text must be a str; got {type(text).__name__} (for bytes use atomic_write).")
-    return atomic_write(path, text)
 
 # %% ../nbs/00_core.ipynb #8a2b78fd
 _IMPORT_TIME = time.time()

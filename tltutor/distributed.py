@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .checks import check_int, check_number
 from .core import Callback, default_device, dist_info, fit, seed_everything
 from .data import FileImages, scan_image_folder
 
@@ -52,8 +53,7 @@ def finish_distributed():
 
 def torchrun_cmd(args, nproc: int = 2, module: str = "tltutor.distributed", nnodes: int = 1) -> list[str]:
     "The command line `torchrun --standalone --nproc_per_node=nproc -m module *args` (via this Python)."
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc={nproc!r} must be a positive integer (processes on this machine).")
+    nproc = check_int(nproc, "nproc", hint="processes on this machine")
     if isinstance(args, str): raise TypeError("args must be a list of strings, e.g. ['one-step', '--out', 'w.pt'].")
     launch = ["--standalone"] if nnodes == 1 else [f"--nnodes={nnodes}"]
     return [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}", "-m", module,
@@ -149,9 +149,7 @@ def bench(steps: int = 20, batch_size: int = 64, width: int = 16) -> dict:
 class KillAt(Callback):
     "`fit` callback that kills its own process (SIGKILL: no clean-up, as an out-of-memory kill or a lost node) at `step`."
     def __init__(self, step: int):
-        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-            raise ValueError(f"step={step!r} must be a positive integer (the global step count after which to die).")
-        self.step = step
+        self.step = check_int(step, "step", hint="the global step count after which to die")
     def after_step(self, state):
         if state.step == self.step: os.kill(os.getpid(), signal.SIGKILL)
 
@@ -206,7 +204,7 @@ def folder_split(root, out=None, val_fraction: float = 0.2, seed: int = 0) -> di
     """The train/val split of an image folder: its own `train/`/`val/` subfolders, else a stratified random split of
     `val_fraction` per class (fixed by `seed`), saved to `out/split.json` and re-read from there on a resumed run.
     Returns `{root, classes, train: [[file, label], ...], val: [[file, label], ...]}`."""
-    if not 0 < val_fraction < 1: raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1), e.g. 0.2.")
+    check_number(val_fraction, "val_fraction", min=0, max=1, min_open=True, max_open=True, hint="e.g. 0.2")
     saved = Path(out) / "split.json" if out is not None else None
     if saved is not None and saved.is_file(): return json.loads(saved.read_text())
     scan = scan_image_folder(root)
@@ -244,8 +242,7 @@ def train_folder(data_dir, out, backbone: str = "mobilenet_v2", method: str = "f
     from tltutor.finetune import fine_tune, train_head
     if method not in ("probe", "finetune"): raise ValueError(f"method={method!r}: use 'probe' (head only) or 'finetune'.")
     for nm, v, lo in (("epochs", epochs, 1), ("head_epochs", head_epochs, 0), ("batch_size", batch_size, 1),
-                      ("size", size, 16), ("workers", workers, 0), ("seed", seed, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"{nm}={v!r} must be an integer >= {lo}.")
+                      ("size", size, 16), ("workers", workers, 0), ("seed", seed, 0)): check_int(v, nm, min=lo)
     t0 = time.perf_counter()
     rank, world, device = init_distributed()
     if batch_size % world:

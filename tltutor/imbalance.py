@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
-from .checks import check_finite, check_labels, check_number, check_targets
+from .checks import check_finite, check_int, check_labels, check_number, check_targets
 from .core import Callback, History, fit
 
 # %% auto #0
@@ -50,8 +50,8 @@ def class_weights(y, scheme: str = "inverse", beta: float = 0.999, num_classes: 
     counts = class_counts(y, num_classes).double()
     if scheme == "inverse": w = 1.0 / counts
     elif scheme == "effective_number":
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f"beta={beta!r} must be in [0, 1), e.g. 0.999 (0 = no re-weighting; closer to 1 = closer to 1/n_c).")
+        beta = check_number(beta, "beta", min=0, max=1, max_open=True,
+                            hint="e.g. 0.999 (0 = no re-weighting; closer to 1 = closer to 1/n_c)")
         w = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(float(beta), dtype=torch.float64), counts))
     else: raise ValueError(f"scheme={scheme!r} is unknown; use 'inverse' or 'effective_number'.")
     return (w * counts.sum() / (w * counts).sum()).float()
@@ -61,9 +61,7 @@ def balanced_sampler(y, num_samples: int | None = None, seed: int = 0) -> Weight
     "A `WeightedRandomSampler` drawing every class equally often (item weight `1 / n_c`, with replacement)."
     counts = class_counts(y)
     y = _labels(y)
-    if num_samples is None: num_samples = len(y)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples={num_samples!r} must be a positive integer (items per epoch), e.g. len(y).")
+    num_samples = check_int(len(y) if num_samples is None else num_samples, "num_samples", hint="items per epoch, e.g. len(y)")
     g = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler((1.0 / counts.double())[y], num_samples, replacement=True, generator=g)
 
@@ -143,9 +141,7 @@ class DeferredReweighting(Callback):
         weights = torch.as_tensor(weights, dtype=torch.float32)
         if weights.ndim != 1 or not bool((weights > 0).all()):
             raise ValueError("weights must be a 1-D sequence of positive per-class weights, e.g. class_weights(y, 'effective_number').")
-        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 1:
-            raise ValueError(f"start_epoch={start_epoch!r} must be a positive integer (the first re-weighted epoch).")
-        self.weights, self.start_epoch = weights, start_epoch
+        self.weights, self.start_epoch = weights, check_int(start_epoch, "start_epoch", hint="the first re-weighted epoch")
 
     def before_fit(self, state):
         self.attr = next((a for a in ("weight", "alpha") if hasattr(state.loss_fn, a)), None)
@@ -195,7 +191,7 @@ def smote(x: torch.Tensor, y, k: int = 5, seed: int = 0) -> tuple:
     if not torch.is_tensor(x) or x.ndim != 2 or len(x) != len(y):
         raise ValueError(f"x must be a 2-D tensor (items, features) with one row per label; got {getattr(x, 'shape', type(x).__name__)} "
                          f"for {len(y)} labels.")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise ValueError(f"k={k!r} must be a positive integer, e.g. 5.")
+    k = check_int(k, "k", hint="e.g. 5")
     counts = class_counts(y)
     g = torch.Generator().manual_seed(seed)
     xs, ys = [x], [y]
@@ -241,8 +237,7 @@ def imbalance_report(y_true, y_pred, train_counts=None, n_tail: int = 3, num_cla
         train_counts = torch.as_tensor(train_counts)
         if train_counts.ndim != 1 or len(train_counts) != num_classes:
             raise ValueError(f"train_counts must hold one count per class ({num_classes}); got shape {tuple(train_counts.shape)}.")
-        if isinstance(n_tail, bool) or not isinstance(n_tail, int) or not 1 <= n_tail <= num_classes:
-            raise ValueError(f"n_tail={n_tail!r} must be an integer between 1 and the number of classes ({num_classes}).")
+        n_tail = check_int(n_tail, "n_tail", min=1, max=num_classes, hint="at most the number of classes")
         tail = torch.argsort(train_counts, stable=True)[:n_tail].numpy()
         rep["tail_recall"] = float(recall[tail].mean())
     return rep

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset, WeightedRandomSampler
 
-from .checks import check_number, check_targets
+from .checks import check_int, check_labels, check_number, check_targets
 from .core import Callback, atomic_write_text, predict, results_dir
 from .data import ImageDataset, blend_with_photos
 from .imbalance import balanced_sampler
@@ -30,20 +30,6 @@ __all__ = ['GROUP_METRICS', 'GROUP_NAMES', 'group_labels', 'GroupMetrics', 'grou
            'textured_groups', 'audit_model']
 
 # %% ../nbs/18_bias_audit.ipynb #678dc157
-def _array(a, name: str) -> np.ndarray:
-    "`a` (list, array or tensor) as a 1-D numpy array without NaN/None."
-    if torch.is_tensor(a): a = a.detach().cpu().numpy()
-    a = np.asarray(a)
-    if a.ndim != 1: raise ValueError(f"{name} must be 1-D (one value per item); got shape {a.shape}.")
-    if len(a) == 0: raise ValueError(f"{name} is empty: an audit needs at least one item.")
-    if a.dtype.kind == "f": bad = np.isnan(a)
-    elif a.dtype.kind == "O": bad = np.array([v is None or (isinstance(v, float) and math.isnan(v)) for v in a])
-    else: bad = np.zeros(len(a), dtype=bool)
-    if bad.any():
-        raise ValueError(f"{name} has {int(bad.sum())} missing value(s) (NaN/None), first at index "
-                         f"{int(np.flatnonzero(bad)[0])}: drop those items or give them an explicit value first.")
-    return a
-
 def group_labels(groups, n: int | None = None) -> tuple[np.ndarray, list, list]:
     """Per-item group codes, the sorted group labels, and the attribute names.
 
@@ -51,11 +37,11 @@ def group_labels(groups, n: int | None = None) -> tuple[np.ndarray, list, list]:
     with several, every combination that occurs is a group and its label is a tuple."""
     if isinstance(groups, dict):
         if not groups: raise ValueError("groups is an empty dict: give at least one attribute, e.g. {'background': g}.")
-        names, cols = list(groups), [_array(v, f"groups[{k!r}]") for k, v in groups.items()]
+        names, cols = list(groups), [check_labels(v, f"groups[{k!r}]", indices=False) for k, v in groups.items()]
     else:
         g = groups.detach().cpu().numpy() if torch.is_tensor(groups) else np.asarray(groups)
-        if g.ndim == 2: names, cols = [f"attr{j}" for j in range(g.shape[1])], [_array(g[:, j], f"groups[:, {j}]") for j in range(g.shape[1])]
-        else: names, cols = ["group"], [_array(g, "groups")]
+        if g.ndim == 2: names, cols = [f"attr{j}" for j in range(g.shape[1])], [check_labels(g[:, j], f"groups[:, {j}]", indices=False) for j in range(g.shape[1])]
+        else: names, cols = ["group"], [check_labels(g, "groups", indices=False)]
     lens = {len(c) for c in cols} | ({n} if n is not None else set())
     if len(lens) != 1:
         raise ValueError(f"groups have {sorted(len(c) for c in cols)} items but the predictions have {n}: "
@@ -156,8 +142,7 @@ def group_metrics(y_true, y_pred, groups, metrics=("accuracy",), n_boot: int = 1
     fns = _metric_fns(metrics)
     for name, (fn, binary) in fns.items():
         if binary: _check_binary(yt, yp, f"metric {name!r}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
-        raise ValueError(f"n_boot={n_boot!r} must be an integer >= 0 (0 = no intervals; 1000 is usual).")
+    n_boot = check_int(n_boot, "n_boot", min=0, hint="0 = no intervals; 1000 is usual")
     check_number(level, "level", 0, 1, min_open=True, max_open=True, hint="e.g. 0.95")
     idx = [np.flatnonzero(codes == k) for k in range(len(labels))]
     small = [(labels[k], len(i)) for k, i in enumerate(idx) if len(i) < 2]
@@ -219,7 +204,7 @@ def equalized_odds_difference(y_true, y_pred, groups, agg: str = "worst_case", p
 
 def worst_class_equalized_odds(y_true, y_pred, groups, agg: str = "worst_case") -> tuple:
     "Multi-class equalized odds: `(largest one-vs-rest equalized_odds_difference over the classes of y_true, that class)`."
-    classes = np.unique(_array(y_true, "y_true"))
+    classes = np.unique(check_labels(y_true, "y_true", indices=False))
     vals = [equalized_odds_difference(y_true, y_pred, groups, agg=agg, pos_label=c) for c in classes]
     k = int(np.argmax(vals))
     return vals[k], classes[k].item()
@@ -235,16 +220,16 @@ def _probs(probs) -> np.ndarray:
 
 def expected_calibration_error(y_true, probs, n_bins: int = 15) -> float:
     "ECE: bin items by confidence (max probability) into `n_bins` equal-width bins; size-weighted mean |accuracy - confidence|."
-    p, yt = _probs(probs), _array(y_true, "y_true")
+    p, yt = _probs(probs), check_labels(y_true, "y_true", indices=False)
     if len(p) != len(yt): raise ValueError(f"y_true has {len(yt)} items but probs has {len(p)} rows: align them.")
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1: raise ValueError(f"n_bins={n_bins!r} must be a positive integer, e.g. 15.")
+    n_bins = check_int(n_bins, "n_bins", hint="e.g. 15")
     conf, correct = p.max(1), (p.argmax(1) == yt)
     b = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
     return float(sum(abs(correct[b == k].mean() - conf[b == k].mean()) * (b == k).sum() for k in np.unique(b)) / len(yt))
 
 def group_calibration(y_true, probs, groups, n_bins: int = 15) -> dict:
     "ECE overall, by group, and the difference (largest minus smallest group ECE)."
-    p, yt = _probs(probs), _array(y_true, "y_true")
+    p, yt = _probs(probs), check_labels(y_true, "y_true", indices=False)
     codes, labels, _ = group_labels(groups, len(yt))
     by = {g: expected_calibration_error(yt[codes == k], p[codes == k], n_bins) for k, g in enumerate(labels)}
     return {"overall": expected_calibration_error(yt, p, n_bins), "by_group": by,
@@ -347,9 +332,8 @@ class AdversarialDebiasing(nn.Module):
     def __init__(self, body: nn.Module, head: nn.Module, feat_dim: int, n_groups: int = 2, hidden: int = 64,
                  lambda_: float = 1.0):
         super().__init__()
-        for nm, v in [("feat_dim", feat_dim), ("n_groups", n_groups), ("hidden", hidden)]:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{nm}={v!r} must be a positive integer.")
-        if n_groups < 2: raise ValueError(f"n_groups={n_groups} must be >= 2: the adversary needs groups to tell apart.")
+        feat_dim, hidden = check_int(feat_dim, "feat_dim"), check_int(hidden, "hidden")
+        n_groups = check_int(n_groups, "n_groups", min=2, hint="the adversary needs groups to tell apart")
         self.body, self.head, self.grl = body, head, GradientReversal(lambda_)
         self.adversary = DomainDiscriminator(feat_dim, hidden, n_domains=n_groups)
     def forward(self, x):
@@ -387,7 +371,7 @@ def group_balanced_sampler(groups, y=None, num_samples: int | None = None, seed:
     "A sampler that draws every group (every group x class cell with `y`) equally often: `balanced_sampler` on the cell ids."
     codes, labels, _ = group_labels(groups)
     if y is not None:
-        yy = _array(y, "y")
+        yy = check_labels(y, "y", indices=False)
         if len(yy) != len(codes): raise ValueError(f"y has {len(yy)} items but groups has {len(codes)}: align them.")
         codes = np.unique(np.stack([codes, np.unique(yy, return_inverse=True)[1].ravel()], 1), axis=0, return_inverse=True)[1].ravel()
     return balanced_sampler(torch.as_tensor(codes, dtype=torch.long), num_samples=num_samples, seed=seed)
@@ -399,8 +383,7 @@ def textured_groups(ds: ImageDataset, share_textured: float, seed: int = 0) -> T
     "3-channel copy of grey `ds` where a random `share_textured` of the items sit on colour photo textures (group 1)."
     if not isinstance(ds, ImageDataset) or ds.x.shape[1] != 1:
         raise TypeError("ds must be a grey ImageDataset, e.g. tltutor.data.load('mnist', 'train').")
-    if isinstance(share_textured, bool) or not isinstance(share_textured, (int, float)) or not 0 <= share_textured <= 1:
-        raise ValueError(f"share_textured={share_textured!r} must be a fraction in [0, 1], e.g. 0.5 for balanced groups.")
+    share_textured = check_number(share_textured, "share_textured", min=0, max=1, hint="a fraction, e.g. 0.5 for balanced groups")
     rng = np.random.default_rng(seed)
     group = torch.from_numpy((rng.random(len(ds)) < share_textured).astype(np.int64))
     x = ds.x.expand(-1, 3, -1, -1).clone()

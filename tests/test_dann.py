@@ -160,7 +160,7 @@ def test_domain_adversary_bad_inputs():
     with pytest.raises(ValueError, match="looks like labels"): DomainAdversary(torch.randint(10, (40,)))
     with pytest.raises(ValueError, match="looks like labels"): DomainAdversary(torch.randint(10, (40, 3, 28, 28)))
     with pytest.raises(TypeError, match="pass the images alone"): DomainAdversary((tgt, torch.randint(10, (40,))))
-    with pytest.raises(ValueError, match=">= 0"): DomainAdversary(tgt, weight=True)
+    with pytest.raises(ValueError, match="weight=True must be a finite number"): DomainAdversary(tgt, weight=True)
     with pytest.raises(ValueError, match=">= 0"): DomainAdversary(tgt, weight=-1)
     with pytest.raises(ValueError, match="finite number >= 0"): DomainAdversary(tgt, max_lambda=-1)
     with pytest.raises(ValueError, match="positive number"): DomainAdversary(tgt, gamma=0)

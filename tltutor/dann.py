@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from .checks import check_int, check_number
 from .core import Callback, default_device
 
 # %% auto #0
@@ -69,11 +70,9 @@ class DomainDiscriminator(nn.Sequential):
     "MLP from `in_features` through `hidden` units (ReLU) to `n_domains` logits: the adversary behind a `GradientReversal`."
     def __init__(self, in_features: int, hidden: int | Sequence[int] = 100, n_domains: int = 2, dropout: float = 0.0):
         hidden = [hidden] if isinstance(hidden, int) else list(hidden)
-        for nm, v in [("in_features", in_features), ("n_domains", n_domains), *[("hidden", h) for h in hidden]]:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{nm}={v!r} must be a positive integer (a number of units).")
-        if n_domains < 2: raise ValueError(f"n_domains={n_domains} must be >= 2: a discriminator needs two groups to tell apart.")
-        if not 0 <= dropout < 1: raise ValueError(f"dropout={dropout!r} must be in [0, 1).")
+        in_features, hidden = check_int(in_features, "in_features", hint="a number of units"), [check_int(h, "hidden", hint="a number of units") for h in hidden]
+        n_domains = check_int(n_domains, "n_domains", min=2, hint="a discriminator needs two groups to tell apart")
+        dropout = check_number(dropout, "dropout", min=0, max=1, max_open=True)
         layers, d = [], in_features
         for h in hidden:
             layers += [nn.Linear(d, h), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
@@ -97,8 +96,7 @@ class DANN(nn.Module):
     def __init__(self, n_classes: int = 10, features: nn.Module | None = None, feature_dim: int | None = None,
                  widths: tuple = (32, 48), hidden: int = 100, n_domains: int = 2, lambda_: float = 0.0):
         super().__init__()
-        if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
-            raise ValueError(f"n_classes={n_classes!r} must be an integer >= 2.")
+        n_classes = check_int(n_classes, "n_classes", min=2)
         if features is None: features, feature_dim = digit_features(3, widths), widths[1] * 16
         elif feature_dim is None:
             raise ValueError("with your own `features` module, also pass feature_dim (its output size per image).")
@@ -137,8 +135,7 @@ class DomainAdversary(Callback):
     "`fit` callback for DANN: adds `weight * domain cross-entropy` on (source batch, a random `target` batch) to the loss, warms up `model.grl.lambda_`, logs `domain_acc`."
     def __init__(self, target, weight: float = 1.0, gamma: float = 10.0, max_lambda: float = 1.0, seed: int = 0):
         self.target = _target_images(target)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ValueError(f"weight={weight!r} must be a number >= 0.")
+        check_number(weight, "weight", min=0)
         dann_lambda(0.5, gamma); _check_lambda(max_lambda)  # validate early, with the same messages
         self.weight, self.gamma, self.max_lambda, self.seed = float(weight), gamma, float(max_lambda), seed
     def before_fit(self, state):
@@ -215,8 +212,7 @@ def mmd_test(source_feats, target_feats, n_permutations: int = 200, seed: int = 
     Gaussian kernel of median-heuristic bandwidth (`mmd(..., bandwidths=(1.0,))` on the standardised features), and
     the permutation-test p-value (1 + #shuffled splits with MMD^2 >= observed) / (1 + `n_permutations`)."""
     s, t = _pair(source_feats, target_feats)
-    if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 1:
-        raise ValueError(f"n_permutations={n_permutations!r} must be a positive integer, e.g. 200.")
+    n_permutations = check_int(n_permutations, "n_permutations", hint="e.g. 200")
     z = torch.cat([s, t])
     sd = z.std(0)
     z = (z - z.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
@@ -349,8 +345,7 @@ def density_ratio(source_feats, target_feats, query_feats=None, Cs: Sequence[flo
     Cs = [Cs] if isinstance(Cs, (int, float)) else list(Cs)
     if not Cs or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0 for c in Cs):
         raise ValueError(f"Cs={Cs!r} must be positive numbers (inverse regularisation strengths), e.g. (0.01, 0.1, 1.0).")
-    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= min(len(s), len(t)):
-        raise ValueError(f"folds={folds!r} must be an integer from 2 to the size of the smaller domain.")
+    folds = check_int(folds, "folds", min=2, max=min(len(s), len(t)), hint="at most the size of the smaller domain")
     X, d = torch.cat([s, t]).numpy(), np.repeat([0, 1], [len(s), len(t)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # convergence and scikit-learn's API-change notices

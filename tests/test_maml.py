@@ -169,7 +169,7 @@ def test_task_batches_train_through_fit_and_evaluate_like_evaluate_episodes():
     one = evaluate_episodes(None, ds, 3, 1, episodes=30, n_query=4, seed=2,
                             episode_fn=lambda xs, ys, xq: m(torch.cat([xs, xq]), ys))
     assert torch.allclose(chunked.per_episode, one.per_episode)
-    with pytest.raises(ValueError, match="tasks=9 must be an integer in 1..8"):
+    with pytest.raises(ValueError, match=r"tasks=9 must be an integer in \[1, 8\]"):
         TaskBatchSampler(s.episodes, tasks=9)
     with pytest.raises(ValueError, match="too few for a confidence interval"):
         evaluate_maml(m, ds, 3, 1, episodes=1)

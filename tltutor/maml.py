@@ -83,9 +83,8 @@ def check_functional(model: nn.Module) -> nn.Module:
 
 # %% ../nbs/15_maml.ipynb #e5630927
 def _check_steps_lr(steps, lr) -> tuple:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise ValueError(f"steps={steps!r} must be an integer >= 0 (0 = no adaptation, i.e. plain training).")
-    return int(steps), check_number(lr, "lr", min=0, min_open=True, hint="the inner-loop SGD step size, e.g. 0.4")
+    return (check_int(steps, "steps", min=0, hint="0 = no adaptation, i.e. plain training"),
+            check_number(lr, "lr", min=0, min_open=True, hint="the inner-loop SGD step size, e.g. 0.4"))
 
 def inner_adapt(model: nn.Module, params: dict, support: tuple, steps: int = 1, lr: float = 0.4,
                 first_order: bool = False) -> dict:
@@ -190,9 +189,8 @@ class TaskBatchSampler(Sampler):
     def __init__(self, episodes: EpisodeSampler, tasks: int = 8):
         if not isinstance(episodes, EpisodeSampler):
             raise TypeError(f"episodes must be an EpisodeSampler; got {type(episodes).__name__}.")
-        if isinstance(tasks, bool) or not isinstance(tasks, (int, np.integer)) or not 1 <= tasks <= len(episodes):
-            raise ValueError(f"tasks={tasks!r} must be an integer in 1..{len(episodes)} (the sampler's episodes per pass).")
-        self.episodes, self.tasks = episodes, int(tasks)
+        self.episodes = episodes
+        self.tasks = check_int(tasks, "tasks", min=1, max=len(episodes), hint="the sampler's episodes per pass")
 
     def __len__(self): return len(self.episodes) // self.tasks
 
@@ -219,8 +217,8 @@ def train_maml(maml: MAML, dataset, n_way: int = 5, k_shot: int = 1, n_query: in
     `dataset`, split over `epochs` (Adam(W) at `lr`, the outer learning rate). Returns the `History` (train loss = the
     meta-loss: query loss after adaptation)."""
     if not isinstance(maml, MAML): raise TypeError(f"maml must be a MAML wrapper; got {type(maml).__name__}: use MAML(model).")
-    if isinstance(meta_batches, bool) or not isinstance(meta_batches, int) or meta_batches < epochs:
-        raise ValueError(f"meta_batches={meta_batches!r} must be an integer >= epochs={epochs}.")
+    epochs = check_int(epochs, "epochs")
+    meta_batches = check_int(meta_batches, "meta_batches", min=epochs, hint=f"at least epochs={epochs}")
     per_epoch = meta_batches // epochs
     episodes = EpisodeSampler(dataset, n_way, k_shot, n_query, episodes=per_epoch * tasks, seed=seed)
     return fit(maml, TaskBatchSampler(episodes, tasks).loader(dataset), epochs=epochs, lr=lr, metrics=None,
@@ -234,8 +232,7 @@ def evaluate_maml(maml: MAML, dataset, n_way: int = 5, k_shot: int = 1, episodes
     `evaluate_episodes` with the same arguments), adapting with `steps` inner steps (default: `maml.test_steps`).
     A tuple of step counts returns `{steps: EpisodeScore}` for each, from one adaptation per episode."""
     if not isinstance(maml, MAML): raise TypeError(f"maml must be a MAML wrapper; got {type(maml).__name__}: use MAML(model).")
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 2:
-        raise ValueError(f"episodes={episodes!r} is too few for a confidence interval; use at least 2 (600 is usual).")
+    episodes = check_int(episodes, "episodes", min=2, hint="fewer are too few for a confidence interval (600 is usual)")
     if not (hasattr(dataset, "x") and hasattr(dataset, "y")):
         raise TypeError(f"dataset must have tensors .x and .y (e.g. tltutor.data.load(...)); got {type(dataset).__name__}.")
     device = default_device(device)
@@ -290,8 +287,7 @@ def _peak_mb(device) -> float:
 def meta_batch_cost(maml: MAML, task_batch, repeats: int = 3, device=None) -> dict:
     "Seconds (best of `repeats`) and peak memory (MB above the baseline) of one meta-gradient of `task_batch`."
     if not isinstance(maml, MAML): raise TypeError(f"maml must be a MAML wrapper; got {type(maml).__name__}: use MAML(model).")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats={repeats!r} must be a positive integer.")
+    repeats = check_int(repeats, "repeats")
     device = default_device(device)
     maml.to(device).train()
     (x, ys), yq = task_batch

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_int, check_number
 from .core import default_device
 
 # %% auto #0
@@ -29,8 +30,7 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.T
     "Images `x` (N, C, H, W) in [0, 1] with corruption `name` (one of `CORRUPTIONS`) at `severity` 1-5, clipped to [0, 1]."
     if name not in SEVERITY_PARAMS:
         raise ValueError(f"unknown corruption {name!r}; known: {', '.join(SEVERITY_PARAMS)}.")
-    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
-        raise ValueError(f"severity={severity!r} must be an integer from 1 (mildest) to 5 (strongest).")
+    severity = check_int(severity, "severity", min=1, max=5, hint="from 1 (mildest) to 5 (strongest)")
     if not torch.is_tensor(x) or x.ndim != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a float tensor of images (N, C, H, W) in [0, 1]; "
                          f"got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}.")
@@ -55,12 +55,9 @@ class TestTimeBN(nn.Module):
         super().__init__()
         if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None:
             raise TypeError(f"bn must be a trained nn.BatchNorm2d with running statistics; got {type(bn).__name__}.")
-        if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not 0 <= prior < math.inf:
-            raise ValueError(f"prior={prior!r} must be a number >= 0: how many images the source statistics are worth "
-                             "(0 = the test batch alone).")
-        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                     or not 0 < momentum <= 1):
-            raise ValueError(f"momentum={momentum!r} must be in (0, 1] (the weight of each new batch), or None.")
+        check_number(prior, "prior", min=0, hint="how many images the source statistics are worth (0 = the test batch alone)")
+        if momentum is not None:
+            check_number(momentum, "momentum", min=0, max=1, min_open=True, hint="the weight of each new batch, or None")
         self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
         self.prior, self.momentum = float(prior), momentum
         self.register_buffer("source_mean", bn.running_mean.detach().clone())
@@ -105,10 +102,8 @@ class TestTimeAdapter(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         if method not in _METHODS: raise ValueError(f"method={method!r} is not one of {_METHODS}.")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-            raise ValueError(f"lr={lr!r} must be a positive learning rate, e.g. 1e-3.")
-        if reset_every is not None and (isinstance(reset_every, bool) or not isinstance(reset_every, int) or reset_every < 1):
-            raise ValueError(f"reset_every={reset_every!r} must be a positive number of batches (1 = episodic) or None.")
+        check_number(lr, "lr", min=0, min_open=True, hint="the learning rate, e.g. 1e-3")
+        if reset_every is not None: check_int(reset_every, "reset_every", hint="a number of batches (1 = episodic) or None")
         self.method, self.lr, self.reset_every, self.batches = method, lr, reset_every, 0
         self.device = default_device(device)
         self.model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
@@ -159,8 +154,7 @@ def stream_order(y: torch.Tensor, kind: str = "shuffled", seed: int = 0) -> torc
 @torch.no_grad()
 def run_stream(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64, order=None) -> np.ndarray:
     "Feed `x[order]` to `model` (a module or a `TestTimeAdapter`) in batches; the number of correct predictions per batch."
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    batch_size = check_int(batch_size, "batch_size")
     if len(x) != len(y) or len(y) == 0:
         raise ValueError(f"x and y must hold the same, non-zero number of items; got {len(x)} and {len(y)}.")
     idx = torch.arange(len(y)) if order is None else torch.as_tensor(order)
@@ -173,8 +167,7 @@ def run_stream(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64, or
 # %% ../nbs/21_test_time.ipynb #becda4b2
 def bn_cnn(in_channels: int = 1, width: int = 16, n_classes: int = 10) -> nn.Sequential:
     "A 3-block CNN for 28-px images: (conv 3x3 stride 2 -> BatchNorm -> ReLU) x 3, then a linear layer."
-    for nm, v in (("in_channels", in_channels), ("width", width), ("n_classes", n_classes)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{nm}={v!r} must be a positive integer.")
+    in_channels, width, n_classes = (check_int(v, nm) for nm, v in (("in_channels", in_channels), ("width", width), ("n_classes", n_classes)))
     def block(i, o): return [nn.Conv2d(i, o, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
     return nn.Sequential(*block(in_channels, width), *block(width, 2 * width), *block(2 * width, 4 * width),
                          nn.Flatten(), nn.Linear(4 * width * 16, n_classes))

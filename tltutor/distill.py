@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from .checks import check_number
 from .core import Callback, predict
 
 # %% auto #0
@@ -21,9 +22,7 @@ __all__ = ['softmax_t', 'kd_loss', 'feature_kd_loss', 'cache_teacher', 'Distill'
 
 # %% ../nbs/16_distillation.ipynb #65f87646
 def _check_T(T) -> float:
-    if isinstance(T, bool) or not isinstance(T, (int, float)) or not 0 < T < math.inf:
-        raise ValueError(f"T={T!r} must be a positive, finite temperature, e.g. T=4 (T=1 is the ordinary softmax).")
-    return float(T)
+    return check_number(T, "T", min=0, min_open=True, hint="the temperature, e.g. T=4 (T=1 is the ordinary softmax)")
 
 def _check_logits(logits, name="logits") -> torch.Tensor:
     if not torch.is_tensor(logits) or not logits.is_floating_point():
@@ -38,10 +37,8 @@ def softmax_t(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
 
 # %% ../nbs/16_distillation.ipynb #2e7de98e
 def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha={alpha!r} must be in [0, 1]: the weight of the hard-label cross-entropy "
-                         "(1 = labels only, 0 = the teacher's soft labels only).")
-    return float(alpha)
+    return check_number(alpha, "alpha", min=0, max=1, hint="the weight of the hard-label cross-entropy "
+                        "(1 = labels only, 0 = the teacher's soft labels only)")
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor | None = None,
             T: float = 4.0, alpha: float = 0.5) -> torch.Tensor:

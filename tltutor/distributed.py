@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .checks import check_int, check_number
-from .core import Callback, default_device, dist_info, fit, seed_everything
+from .core import Callback, atomic_write, atomic_write_text, default_device, dist_info, fit, seed_everything
 from .data import FileImages, scan_image_folder
 
 # %% auto #0
@@ -189,7 +189,7 @@ def _main(argv=None) -> int:
             if rank == 0: torch.save(w, args.one_step)
         if args.bench:
             res = bench(args.steps)
-            if rank == 0: Path(args.bench).write_text(json.dumps(res))
+            if rank == 0: atomic_write_text(args.bench, json.dumps(res))
         if args.resume:
             w = resumable_run(args.resume, kill_at_step=args.kill_at_step).state_dict()
             if rank == 0 and args.resume_out: torch.save(w, args.resume_out)
@@ -222,8 +222,6 @@ def folder_split(root, out=None, val_fraction: float = 0.2, seed: int = 0) -> di
         val = [[str(f), classes.index(c)] for c, fs in scan["val"].items() for f in fs]
     split = {"root": str(Path(root).resolve()), "classes": classes, "train": sorted(train), "val": sorted(val)}
     if saved is not None and dist_info()[0] == 0:
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        from tltutor.core import atomic_write_text
         atomic_write_text(saved, json.dumps(split, indent=1))
     return split
 
@@ -286,8 +284,7 @@ def train_folder(data_dir, out, backbone: str = "mobilenet_v2", method: str = "f
                "size": size, "processes": world, "resumed_after": done, "seconds": time.perf_counter() - t0,
                "history": rows}
     if rank == 0:
-        from tltutor.core import atomic_write_text
-        torch.save(model.state_dict(), out / "model.pt")
+        atomic_write(out / "model.pt", lambda f: torch.save(model.state_dict(), f))
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
         if progress: print(f"tltutor train: val accuracy {res['accuracy']:.3f}; wrote {out / 'metrics.json'} and {out / 'model.pt'}")
     return metrics

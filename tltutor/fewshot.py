@@ -61,9 +61,9 @@ class EpisodeSampler(Sampler):
         if isinstance(k_shot, (int, np.integer)) and not isinstance(k_shot, bool) and k_shot == 0:
             raise ValueError("k_shot=0: an episode needs at least one labelled example per class (k_shot >= 1). "
                              "With no examples at all you need class descriptions instead: that is zero-shot learning.")
-        self.n_way, self.k_shot = _positive_int("n_way", n_way, 2), _positive_int("k_shot", k_shot)
-        self.n_query, self.episodes = _positive_int("n_query", n_query, 0), _positive_int("episodes", episodes)
-        self.seed, self.fixed = _positive_int("seed", seed, 0), bool(fixed)
+        self.n_way, self.k_shot = check_int(n_way, "n_way", min=2), check_int(k_shot, "k_shot")
+        self.n_query, self.episodes = check_int(n_query, "n_query", min=0), check_int(episodes, "episodes")
+        self.seed, self.fixed = check_int(seed, "seed", min=0), bool(fixed)
         y = _as_labels(labels)
         self.classes, self.counts = np.unique(y, return_counts=True)
         if self.n_way > len(self.classes):
@@ -215,7 +215,7 @@ def train_protonet(encoder: nn.Module, train_ds, n_way: int = 20, k_shot: int = 
     The episodes are split over `epochs`. Training uses AdamW with a one-cycle schedule peaking at `lr`. With
     `valid_ds`, each epoch ends with `valid_episodes` fixed `valid_way`-way `k_shot`-shot episodes. Returns
     `(model, history)`."""
-    _positive_int("epochs", epochs); _positive_int("episodes", episodes)
+    check_int(epochs, "epochs"); check_int(episodes, "episodes")
     if episodes < epochs: raise ValueError(f"episodes={episodes} must be at least epochs={epochs} (one episode per epoch).")
     model = ProtoNet(encoder, distance)
     train = EpisodeSampler(train_ds, n_way, k_shot, n_query, episodes=episodes // epochs, seed=seed)
@@ -350,12 +350,11 @@ def pretrain_classifier(train_ds, hidden: int = 32, epochs: int = 2, lr: float =
     and code, so chapters that need the same body train it once."""
     if not (hasattr(train_ds, "x") and hasattr(train_ds, "y")):
         raise TypeError(f"train_ds must have tensors .x and .y (e.g. tltutor.data.load(...)); got {type(train_ds).__name__}.")
-    hidden, epochs, batch_size = (_positive_int(n, v) for n, v in
-                                  (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size)))
-    seed = _positive_int("seed", seed, 0)
+    hidden, epochs, batch_size = (check_int(v, n) for n, v in (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size)))
+    seed = check_int(seed, "seed", min=0)
     check_number(lr, "lr", min=0, min_open=True, hint="the peak learning rate, e.g. 3e-3")
     y = _as_labels(train_ds.y)
-    num_classes = int(y.max()) + 1 if num_classes is None else _positive_int("num_classes", num_classes, int(y.max()) + 1)
+    num_classes = int(y.max()) + 1 if num_classes is None else check_int(num_classes, "num_classes", min=int(y.max()) + 1)
     key = _classifier_key(train_ds, hidden, epochs, float(lr), batch_size, seed, num_classes)
     path = _classifier_cache_path(key)
     torch.manual_seed(seed)

@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.utils.data import DataLoader, TensorDataset
 
 from .backbones import feature_extractor, layer_groups, predict_labels, replace_head, to_chw, weights_meta
+from .checks import check_int, check_number
 from .core import Callback, History, fit, predict
 
 # %% auto #0
@@ -32,10 +33,7 @@ def head_features(model: nn.Module, dl, device=None) -> tuple[torch.Tensor, torc
     return predict(feature_extractor(model), dl, device=device)
 
 # %% ../nbs/11_fine_tuning.ipynb #d7ebc8b6
-def _check_lr(lr, name):
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-        raise ValueError(f"{name}={lr!r} must be a positive number, e.g. {name}=1e-3.")
-    return float(lr)
+def _check_lr(lr, name): return check_number(lr, name, min=0, min_open=True, hint=f"e.g. {name}=1e-3")
 
 def train_head(model: nn.Module, train_dl, valid_dl=None, epochs: int = 10, lr: float = 1e-3, batch_size: int = 64,
                device=None, progress: bool = False, **fit_kwargs) -> History:
@@ -104,13 +102,11 @@ def warmup_cosine(opt: torch.optim.Optimizer, warmup_steps: int, total_steps: in
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}; build it first, e.g. "
                         "torch.optim.AdamW(discriminative_param_groups(model, 1e-5, 1e-3)).")
-    for v, n in [(warmup_steps, "warmup_steps"), (total_steps, "total_steps")]:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{n}={v!r} must be a non-negative integer (steps = batches).")
+    for v, n in [(warmup_steps, "warmup_steps"), (total_steps, "total_steps")]: check_int(v, n, min=0, hint="steps = batches")
     if warmup_steps >= total_steps:
         raise ValueError(f"warmup_steps={warmup_steps} is not shorter than total_steps={total_steps}: the rate would never "
                          f"reach its peak; warm up for a fraction, e.g. warmup_steps={total_steps // 10}.")
-    if not 0 < start_factor <= 1: raise ValueError(f"start_factor={start_factor!r} must be in (0, 1].")
+    check_number(start_factor, "start_factor", min=0, max=1, min_open=True)
     cosine = CosineAnnealingLR(opt, T_max=total_steps - warmup_steps)
     if warmup_steps == 0: return cosine
     warm = LinearLR(opt, start_factor=start_factor, end_factor=1.0, total_iters=warmup_steps)
@@ -120,10 +116,8 @@ def warmup_cosine(opt: torch.optim.Optimizer, warmup_steps: int, total_steps: in
 class L2SP(Callback):
     "`fit` callback adding `alpha/2 * ||w - w_pretrained||^2` (backbone) `+ beta/2 * ||w||^2` (new head) to the loss."
     def __init__(self, model: nn.Module, alpha: float = 0.1, beta: float = 0.01, head: nn.Module | None = None):
-        for v, n in [(alpha, "alpha"), (beta, "beta")]:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                raise ValueError(f"{n}={v!r} must be a number >= 0 (Li et al. use alpha=0.1, beta=0.01).")
-        self.alpha, self.beta = float(alpha), float(beta)
+        self.alpha, self.beta = (check_number(v, n, min=0, hint="Li et al. use alpha=0.1, beta=0.01")
+                                 for v, n in [(alpha, "alpha"), (beta, "beta")])
         head = head_module(model) if head is None else head
         new = {id(p) for p in head.parameters()}
         self.anchor = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in new}
@@ -169,14 +163,10 @@ def fine_tune(model: nn.Module, train_dl, valid_dl=None, epochs: int = 3, freeze
     `discriminative_param_groups(model, lr / div, lr)`, `warmup_cosine` with a warmup of `warmup` x the steps, and
     `l2sp` (an `L2SP` callback) if given. `weight_decay` defaults to 0.01, or 0 with L2-SP (which replaces it).
     Returns one `History` over both phases (column `phase`)."""
-    if isinstance(freeze_epochs, bool) or not isinstance(freeze_epochs, int) or freeze_epochs < 0:
-        raise ValueError(f"freeze_epochs={freeze_epochs!r} must be an integer >= 0 (0 skips the head-only phase).")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs={epochs!r} must be a positive integer.")
+    check_int(freeze_epochs, "freeze_epochs", min=0, hint="0 skips the head-only phase"); check_int(epochs, "epochs")
     _check_lr(lr, "lr")
-    if isinstance(div, bool) or not isinstance(div, (int, float)) or div < 1:
-        raise ValueError(f"div={div!r} must be a number >= 1: the first layers get lr / div (div=1: one rate for all).")
-    if not 0 <= warmup < 1: raise ValueError(f"warmup={warmup!r} is a fraction of the steps, in [0, 1), e.g. 0.1.")
+    check_number(div, "div", min=1, hint="the first layers get lr / div (div=1: one rate for all)")
+    check_number(warmup, "warmup", min=0, max=1, max_open=True, hint="a fraction of the steps, e.g. 0.1")
     if l2sp is not None and not isinstance(l2sp, L2SP):
         raise TypeError(f"l2sp must be an L2SP callback, e.g. l2sp=L2SP(model, alpha=0.1); got {type(l2sp).__name__}.")
     if not callable(opt_func):
@@ -201,8 +191,7 @@ class StepLog(Callback):
     "`fit` callback recording every step's loss (`losses`) and last param group's learning rate (`lrs`); stops after `max_steps`."
     order = 10
     def __init__(self, max_steps: int | None = None):
-        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
-            raise ValueError(f"max_steps={max_steps!r} must be a positive integer or None.")
+        if max_steps is not None: check_int(max_steps, "max_steps", hint="or None for no limit")
         self.max_steps, self.losses, self.lrs = max_steps, [], []
     def before_batch(self, state): self.lrs.append(state.opt.param_groups[-1]["lr"])
     def after_step(self, state):

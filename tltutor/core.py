@@ -55,9 +55,7 @@ def default_device(device=None) -> torch.device:
 # %% ../nbs/00_core.ipynb #ef89b99d
 def seed_everything(seed: int = 0, deterministic: bool = True) -> int:
     "Seed python, numpy and torch (all devices); with `deterministic`, ask cuDNN for repeatable kernels."
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32); e.g. seed_everything(0).")
-    seed = int(seed)
+    seed = check_int(seed, "seed", min=0, max=2**32 - 1, hint="e.g. seed_everything(0)")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA/MPS device too

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_finite, check_int, check_labels, check_number
 from .core import default_device, fit
+from .extract import run_frozen
 
 # %% auto #0
 __all__ = ['DISTANCES', 'EpisodeSampler', 'conv_block', 'conv4', 'prototypes', 'proto_logits', 'ProtoNet', 'train_protonet',
@@ -244,38 +245,15 @@ class EpisodeScore(NamedTuple):
 
     def __repr__(self): return f"{self.accuracy:.3f} ± {self.ci95:.3f} ({self.episodes} episodes)"
 
-def _batches(dataset, batch_size: int):
-    "Batches `(x, y)` of `dataset` in order: slices of `(x, y)` tensors, of a dataset's `.x`/`.y`, or a DataLoader."
-    if isinstance(dataset, (tuple, list)):
-        if len(dataset) != 2: raise TypeError("a tuple dataset must be (x, y).")
-        x, y = (torch.as_tensor(a) for a in dataset)
-    elif hasattr(dataset, "x") and hasattr(dataset, "y") and getattr(dataset, "transform", None) is None:
-        x, y = torch.as_tensor(dataset.x), torch.as_tensor(dataset.y)
-    elif hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
-        yield from DataLoader(dataset, batch_size=batch_size); return
-    else:
-        raise TypeError(f"dataset must be a Dataset of (x, y) items or a tuple (x, y); got {type(dataset).__name__}.")
-    if len(x) != len(y): raise ValueError(f"x has {len(x)} items but y has {len(y)}.")
-    for i in range(0, len(y), batch_size): yield x[i:i + batch_size], y[i:i + batch_size]
-
-@torch.no_grad()
 def embed_dataset(embed_fn, dataset, batch_size: int = 256, device=None) -> tuple:
     "Embeddings `(n, d)` (float32, on the CPU) and labels `(n,)` of every item of `dataset`; `embed_fn=None` flattens the inputs."
-    device = default_device(device)
     if embed_fn is not None and not callable(embed_fn):
         raise TypeError(f"embed_fn must be a callable (an encoder module or a function of a batch), or None; got {embed_fn!r}.")
-    module = embed_fn if isinstance(embed_fn, nn.Module) else None
-    was_training = module.training if module is not None else False
-    if module is not None: module.to(device).eval()
-    embs, ys = [], []
-    try:
-        for xb, yb in _batches(dataset, batch_size):
-            e = xb if embed_fn is None else embed_fn(xb.to(device, non_blocking=True))
-            embs.append(e.flatten(1).float().cpu()); ys.append(torch.as_tensor(yb).cpu())
-    finally:
-        if module is not None: module.train(was_training)
-    if not embs: raise ValueError("the dataset is empty: nothing to embed.")
-    return torch.cat(embs), torch.cat(ys).long()
+    if isinstance(dataset, (tuple, list)) and len(dataset) != 2: raise TypeError("a tuple dataset must be (x, y).")
+    if hasattr(dataset, "x") and hasattr(dataset, "y") and getattr(dataset, "transform", None) is None:
+        dataset = (dataset.x, dataset.y)                 # whole tensors: sliced into batches, not read item by item
+    emb, ys = run_frozen(embed_fn, dataset, batch_size=batch_size, device=device)
+    return emb.flatten(1), ys.long()
 
 def _score_embedded(emb, idx, n_way, k_shot, n_query, distance, chunk_floats=2**23):
     "Accuracy of each episode (rows of `idx`) with prototypes from precomputed embeddings, in memory-bounded chunks."

@@ -24,8 +24,8 @@ from .core import default_device, fit
 from .extract import run_frozen
 
 # %% auto #0
-__all__ = ['DISTANCES', 'EpisodeSampler', 'conv_block', 'conv4', 'prototypes', 'proto_logits', 'ProtoNet', 'train_protonet',
-           'EpisodeScore', 'embed_dataset', 'evaluate_episodes', 'pretrain_classifier']
+__all__ = ['DISTANCES', 'EpisodeSampler', 'conv_block', 'GlobalAvgPool', 'ConvNet', 'conv4', 'prototypes', 'proto_logits',
+           'ProtoNet', 'train_protonet', 'EpisodeScore', 'embed_dataset', 'evaluate_episodes', 'pretrain_classifier']
 
 # %% ../nbs/14_prototypes.ipynb #cd2ac434
 def _positive_int(name: str, v, minimum: int = 1) -> int:
@@ -127,22 +127,60 @@ class EpisodeSampler(Sampler):
                 f"{self.episodes} episodes over {len(self.classes)} classes)")
 
 # %% ../nbs/14_prototypes.ipynb #3d3f569c
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    "One block of `conv4`: 3x3 convolution, batch norm, ReLU, 2x2 max-pool."
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
-                         nn.ReLU(), nn.MaxPool2d(2))
+def conv_block(in_channels: int, out_channels: int, bn: bool = True, downsample: str = "max") -> nn.Sequential:
+    """One block of `conv4`: 3x3 convolution, batch norm (unless `bn=False`), ReLU, then a 2x2 max-pool
+    (`downsample='max'`), or, with `downsample='stride'`, a stride-2 convolution instead of the pool."""
+    if downsample not in ("max", "stride"): raise ValueError(f"downsample={downsample!r} must be 'max' or 'stride'.")
+    stride = 2 if downsample == "stride" else 1
+    layers = [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)]
+    layers += ([nn.BatchNorm2d(out_channels)] if bn else []) + [nn.ReLU()] + ([nn.MaxPool2d(2)] if downsample == "max" else [])
+    return nn.Sequential(*layers)
+
+class GlobalAvgPool(nn.Module):
+    "Average each feature map over its positions: `(N, C, H, W)` -> `(N, C)`."
+    def forward(self, x): return x.mean(dim=(2, 3))
+
+class ConvNet(nn.Sequential):
+    "What `conv4` builds: an `nn.Sequential` of conv blocks, then `nn.Flatten` or `GlobalAvgPool`, then the head (if any)."
+    def layer_groups(self) -> list:
+        "`block1`..`blockN` and `head`, for `tltutor.backbones.layer_groups`, `feature_extractor`, `extract` and `freeze`."
+        mods = list(self)
+        k = next((i for i, m in enumerate(mods) if isinstance(m, (nn.Flatten, GlobalAvgPool))), len(mods))
+        head = mods[k + 1:]
+        if head and not isinstance(mods[k], GlobalAvgPool):
+            raise TypeError("layer_groups pools the last block before the head, but this net's head reads the flattened "
+                            "feature maps: build it with conv4(..., pool='mean').")
+        groups = [(f"block{i}", b) for i, b in enumerate(mods[:k], 1)]
+        return groups + ([("head", head[0] if len(head) == 1 else nn.Sequential(*head))] if head else [])
 
 def conv4(in_channels: int = 1, hidden: int = 64, blocks: int = 4, num_classes: int | None = None,
-          image_size: int = 28) -> nn.Sequential:
-    "The standard few-shot encoder: `blocks` conv blocks of `hidden` channels, flattened; with `num_classes`, a linear head for `image_size` px inputs."
-    _positive_int("in_channels", in_channels); _positive_int("hidden", hidden); _positive_int("blocks", blocks)
-    layers = [conv_block(in_channels if i == 0 else hidden, hidden) for i in range(blocks)] + [nn.Flatten()]
-    # channels-last weights make the CPU (oneDNN) kernels about 1.5x faster to train and 2x faster to embed here
-    net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+          image_size: int = 28, widths=None, bn: bool = True, downsample: str = "max", pool: str = "flatten",
+          head_hidden: int | None = None, channels_last: bool = True) -> ConvNet:
+    """The course's small CNN; by default the standard few-shot encoder: `blocks` `conv_block`s of `hidden` channels
+    (`widths`: one entry per block instead), flattened (`pool='mean'`: globally averaged, and `layer_groups` works);
+    with `num_classes`, a linear head for `image_size` px inputs (through a ReLU layer of `head_hidden` units if given).
+    `bn`, `downsample`: see `conv_block`. `channels_last` weights make the CPU kernels faster (the few-shot default)."""
+    _positive_int("in_channels", in_channels)
+    if widths is None: widths = [_positive_int("hidden", hidden)] * _positive_int("blocks", blocks)
+    widths = [_positive_int("widths", w) for w in widths]
+    if not widths: raise ValueError("widths is empty: a conv net needs at least one block.")
+    if pool not in ("flatten", "mean"): raise ValueError(f"pool={pool!r} must be 'flatten' or 'mean'.")
+    convs = [conv_block(c_in, c_out, bn, downsample) for c_in, c_out in zip([in_channels] + widths[:-1], widths)]
+    head = []
     if num_classes is not None:
-        side = _positive_int("image_size", image_size, 2 ** blocks) // 2 ** blocks   # each max-pool halves it (floor)
-        net.append(nn.Linear(hidden * side ** 2, _positive_int("num_classes", num_classes)))
-    return net
+        n_in = widths[-1]
+        if pool == "flatten":
+            if downsample == "max":
+                side = _positive_int("image_size", image_size, 2 ** len(widths)) // 2 ** len(widths)  # each max-pool halves it (floor)
+            else:
+                side = _positive_int("image_size", image_size)
+                for _ in widths: side = (side - 1) // 2 + 1                                           # each stride-2 conv
+            n_in *= side ** 2
+        if head_hidden is not None: head = [nn.Linear(n_in, _positive_int("head_hidden", head_hidden)), nn.ReLU()]; n_in = head_hidden
+        head.append(nn.Linear(n_in, _positive_int("num_classes", num_classes)))
+    net = ConvNet(*convs, nn.Flatten() if pool == "flatten" else GlobalAvgPool(), *head)
+    # channels-last weights make the CPU (oneDNN) kernels about 1.5x faster to train and 2x faster to embed here
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 # %% ../nbs/14_prototypes.ipynb #c210e9d0
 DISTANCES = ("sqeuclidean", "cosine")

@@ -312,12 +312,9 @@ def _out_channels(module: nn.Module) -> int:
     raise ValueError("cannot tell the number of output channels of this block (it has no Conv2d/BatchNorm2d).")
 
 def iter_groups(groups, x):
-    """Run `x` through `(name, module)` groups in order and yield `(name, output)` after each; feature maps are
-    averaged to `(N, C)` before a group named `head` (as the network itself does)."""
+    "Run `x` through `(name, module)` groups in order, yielding `(name, output)`; maps are pooled to `(N, C)` before `head`."
     for name, g in groups:
-        if not callable(g):
-            raise TypeError(f"group {name!r} is a {type(g).__name__}, not a module: pass (name, nn.Module) pairs, "
-                            "e.g. layer_groups(model).")
+        if not callable(g): raise TypeError(f"group {name!r} is a {type(g).__name__}, not a module: pass (name, nn.Module) pairs.")
         if name == "head" and x.ndim == 4: x = x.mean(dim=(2, 3))
         x = g(x)
         yield name, x

@@ -96,16 +96,12 @@ def cache_teacher(teacher: nn.Module, dataset, teacher_transform=None, batch_siz
     `teacher_transform` maps a batch of `x` to the teacher's input (the student keeps `x`). Eval mode, no gradients;
     the logits are float32 on the CPU."""
     if not isinstance(teacher, nn.Module): raise TypeError(f"teacher must be a torch.nn.Module; got {type(teacher).__name__}.")
-    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
-        raise TypeError(f"dataset must be a Dataset of (image, label) items (ImageDataset, TensorDataset); got "
-                        f"{type(dataset).__name__}.")
-    if len(dataset) == 0: raise ValueError("dataset is empty: there is nothing to label with the teacher.")
     if teacher_transform is not None and not callable(teacher_transform):
         raise TypeError(f"teacher_transform must be callable on a batch of images, e.g. backbone_transform(48).")
     _teacher_eval_warning(teacher)
-    xs, ys = (torch.cat(t) for t in zip(*[b[:2] for b in DataLoader(dataset, batch_size=batch_size)]))  # one pass
-    acts = run_frozen(teacher, (xs, ys), transform=teacher_transform, batch_size=batch_size, device=device, progress=progress)
-    return TensorDataset(xs, ys, acts.outputs)
+    acts = run_frozen(teacher, dataset, transform=teacher_transform, batch_size=batch_size, device=device, progress=progress)
+    xs = torch.cat([b[0] for b in DataLoader(dataset, batch_size=batch_size)])     # the student's inputs
+    return TensorDataset(xs, acts.targets, acts.outputs)
 
 # %% ../nbs/16_distillation.ipynb #51407729
 class Distill(Callback):

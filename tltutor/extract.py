@@ -135,11 +135,8 @@ def _backbone(backbone, device):
         raise TypeError(f"backbone must be a name such as 'mobilenet_v2' or a torch.nn.Module; got {type(backbone).__name__}.")
     return backbone.to(default_device(device))
 
-def _layer_names(model) -> list:
-    return [n for n, _ in layer_groups(model) if n != "head"]
-
 def _check_layers(model, layers) -> list:
-    names = _layer_names(model)
+    names = [n for n, _ in layer_groups(model) if n != "head"]
     layers = [names[-1]] if layers is None else [layers] if isinstance(layers, str) else list(layers)
     bad = [l for l in layers if l not in names]
     if bad or not layers:
@@ -170,117 +167,87 @@ def _read_cache(path, fields):
     return torch.from_numpy(arrays["features"])
 
 class Activations:
-    """What `run_frozen` returns: `outputs` (float32, on the CPU, one row per item), `targets` (the data's labels, or
-    None for bare inputs), `layers` (`{block: column slice of outputs}` when blocks were asked for) and `seconds` (the
-    pass; 0 when everything came from the cache). Unpacks as `outputs, targets = acts`."""
-    def __init__(self, outputs, targets=None, layers=None, seconds: float = 0.0):
-        self.outputs, self.targets, self.layers, self.seconds = outputs, targets, dict(layers or {}), seconds
+    """What `run_frozen` returns: `outputs` (float32 on the CPU, one row per item; `{block: (N, D)}` when blocks were
+    asked for), `targets` (the data's labels, None for bare inputs) and `seconds` (the pass; 0 when all came from the
+    cache). Unpacks as `outputs, targets = acts`; `dataset()` gives `TensorDataset(outputs, targets)`."""
+    def __init__(self, outputs, targets=None, seconds: float = 0.0):
+        self.outputs, self.targets, self.seconds = outputs, targets, seconds
     def __iter__(self): return iter((self.outputs, self.targets))
-    def __len__(self): return len(self.outputs)
-    def layer(self, name: str) -> torch.Tensor:
-        "The pooled features `(N, D)` of block `name`."
-        if name not in self.layers: raise KeyError(f"no block {name!r} here; these activations hold {list(self.layers)}.")
-        return self.outputs[:, self.layers[name]]
     def dataset(self, *extra) -> TensorDataset:
         "`TensorDataset(outputs, targets, *extra)`: the cached outputs ready for a `DataLoader`."
         if self.targets is None: raise ValueError("these activations have no targets: the data held inputs only.")
         return TensorDataset(self.outputs, self.targets, *extra)
-    def __repr__(self):
-        return (f"Activations(n={len(self)}, outputs={tuple(self.outputs.shape[1:])}"
-                + (f", layers={list(self.layers)}" if self.layers else "") + ")")
 
 def _batches(data, batch_size: int):
-    "`(inputs, targets or None)` batches: slices of a tensor or an `(inputs, targets)` pair, else a DataLoader's batches."
-    if isinstance(data, (torch.Tensor, np.ndarray)):
-        x = torch.as_tensor(data)
-        batches = ((x[i:i + batch_size],) for i in range(0, len(x), batch_size))
-    elif isinstance(data, (tuple, list)):
-        if len(data) != 2: raise TypeError(f"a tuple of data must be (inputs, targets); got {len(data)} items.")
-        x, y = (torch.as_tensor(a) for a in data)
-        if len(x) != len(y): raise ValueError(f"the inputs have {len(x)} items but the targets {len(y)}.")
-        batches = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
+    "`(inputs, targets or None)` batches: slices of tensors (a data set's `.x`/`.y` without transform), else a DataLoader's."
+    if hasattr(data, "x") and hasattr(data, "y") and getattr(data, "transform", None) is None: data = (data.x, data.y)
+    if isinstance(data, (torch.Tensor, np.ndarray, tuple, list)):
+        xy = [torch.as_tensor(a) for a in (data if isinstance(data, (tuple, list)) else [data])]
+        if len(xy) > 2 or len({len(a) for a in xy}) > 1:
+            raise ValueError(f"a pair of data must be (inputs, targets) of one length; got {[len(a) for a in xy]} items.")
+        batches = (tuple(a[i:i + batch_size] for a in xy) for i in range(0, len(xy[0]), batch_size))
     elif isinstance(data, DataLoader): batches = data
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__"): batches = DataLoader(data, batch_size=batch_size)
     else:
         raise TypeError(f"cannot run a model over {type(data).__name__}; pass a Dataset or DataLoader of (input, target) "
                         "items, an (inputs, targets) pair or a tensor of inputs.")
     for b in batches:
-        b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
+        b = b if isinstance(b, (tuple, list)) else (b,)
         yield b[0], (b[1] if len(b) > 1 else None)
 
 def run_frozen(model, data, layer=None, transform=None, batch_size: int = 128, device=None, cache: bool = False,
                progress: bool = False) -> Activations:
     """Run a frozen `model` once over `data` (eval mode, no gradients, `batch_size` items at a time on `device`,
-    default cuda > mps > cpu) and keep what comes out, as `Activations`.
-
-    `model`: an `nn.Module` (its train/eval flags are restored afterwards), a backbone name, a function of a batch, or
-    None (the inputs themselves). `layer`: None for the model's output, or a block name of `layer_groups(model)` (or a
-    list of them) for its globally pooled features, all from one pass. `data`: a Dataset or DataLoader of
-    `(input, target, ...)` items, an `(inputs, targets)` pair or a tensor of inputs. `transform` maps each batch (on the
-    device) to the model's input. `cache=True` (blocks of a tensor of images) keeps each block's features on disk under
-    `$TLTUTOR_HOME/features`, keyed by the weights, the block, the images, the transform and the code."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer, e.g. 128.")
-    if model is not None and not callable(model) and not isinstance(model, str):
-        raise TypeError(f"model must be an nn.Module, a backbone name, a function of a batch or None; got {type(model).__name__}.")
-    if transform is not None and not callable(transform):
-        raise TypeError(f"transform must be a function of a batch of inputs, e.g. backbone_transform(64); got {transform!r}.")
-    dev = default_device(device)
-    layers = None
+    default cuda > mps > cpu) and keep what comes out, as `Activations`. `model`: an `nn.Module` (its train/eval flags
+    are restored), a backbone name, a function of a batch, or None (the inputs themselves). `layer`: None for the
+    model's output, or block names of `layer_groups(model)` for their pooled features, from one pass. `data`: a Dataset
+    or DataLoader of `(input, target, ...)` items, an `(inputs, targets)` pair or a tensor of inputs. `transform` maps
+    each batch (on the device) to the model's input. `cache=True` (blocks of a tensor of images) keeps each block's
+    features under `$TLTUTOR_HOME/features`, keyed by the weights, the block, the images, the transform and the code."""
+    batch_size = check_int(batch_size, "batch_size", hint="e.g. 128")
+    dev, blocks, out, paths = default_device(device), None, {}, {}
     if layer is not None or isinstance(model, str):
         model = _backbone(model, dev)
-        layers = _check_layers(model, layer) if layer is not None else None
-    out, paths = {}, {}
+        blocks = _check_layers(model, layer) if layer is not None else None
     if cache:
-        if layers is None: raise ValueError("cache=True keeps block features: name the block(s) with layer=...")
-        if not isinstance(data, torch.Tensor):
-            raise TypeError("cache=True needs the images as one tensor (N, C, H, W), so that they can be hashed.")
-        common = _common_fields(model, transform, data)  # hashed once for all layers
-        for l in layers:
-            fields = dict(common, layer=l)
-            paths[l] = (_path_for(fields), fields)
-            hit = _read_cache(*paths[l])
-            if hit is not None: out[l] = hit
-    todo = [l for l in (layers or []) if l not in out]
-    targets, seconds = None, 0.0
-    if layers is None or todo:
+        if blocks is None or not isinstance(data, torch.Tensor):
+            raise ValueError("cache=True keeps block features of images in one tensor (N, C, H, W): pass those, and layer=...")
+        common = _common_fields(model, transform, data)  # hashed once for all blocks
+        for l in blocks:
+            paths[l] = (_path_for(dict(common, layer=l)), dict(common, layer=l))
+            if (hit := _read_cache(*paths[l])) is not None: out[l] = hit
+    todo, targets, seconds = [l for l in blocks or [] if l not in out], None, 0.0
+    if blocks is None or todo:
+        run = (lambda x: block_features(model, x, todo)) if todo else (lambda x: x) if model is None else model
         modes = {m: m.training for m in model.modules()} if isinstance(model, nn.Module) else {}
-        if isinstance(model, nn.Module): model.to(dev).eval()
-        t0, outs, ys, parts = time.perf_counter(), [], [], {l: [] for l in todo}
+        if modes: model.to(dev).eval()
+        t0, outs, ys = time.perf_counter(), [], []
         try:
             with torch.no_grad():
-                for xb, yb in tqdm(_batches(data, batch_size), desc=f"features ({len(data)} images)" if todo else "frozen pass", disable=not progress, leave=False):
+                for xb, yb in tqdm(_batches(data, batch_size), desc="frozen pass", disable=not progress, leave=False):
                     xb = xb.to(dev, non_blocking=True)
-                    if transform is not None: xb = transform(xb)
-                    if todo:                                   # several blocks, one pass
-                        for l, f in block_features(model, xb, todo).items(): parts[l].append(f.float().cpu())
-                    else:
-                        o = xb if model is None else model(xb)
-                        outs.append((o[0] if isinstance(o, (tuple, list)) else o).float().cpu())
+                    o = run(xb if transform is None else transform(xb))
+                    o = o[0] if isinstance(o, (tuple, list)) else o
+                    outs.append({l: f.float().cpu() for l, f in o.items()} if todo else o.float().cpu())
                     if yb is not None: ys.append(torch.as_tensor(yb).cpu())
         finally:
             for m, t in modes.items(): m.training = t
-        if not (outs or any(parts.values())): raise ValueError("the data is empty: there is nothing to run the model on.")
+        if not outs: raise ValueError("the data is empty: there is nothing to run the model on.")
         seconds, targets = time.perf_counter() - t0, torch.cat(ys) if ys else None
-        if layers is None: return Activations(torch.cat(outs), targets, seconds=seconds)
+        if blocks is None: return Activations(torch.cat(outs), targets, seconds=seconds)
         for l in todo:
-            out[l] = torch.cat(parts[l])
+            out[l] = torch.cat([o[l] for o in outs])
             if cache: save_npz(paths[l][0], features=out[l].numpy(), key=np.array(json.dumps(paths[l][1], sort_keys=True)))
-    ends = np.cumsum([out[l].shape[1] for l in layers])
-    return Activations(torch.cat([out[l] for l in layers], 1), targets,
-                       {l: slice(int(e - out[l].shape[1]), int(e)) for l, e in zip(layers, ends)}, seconds)
+    return Activations({l: out[l] for l in blocks}, targets, seconds)
 
 def extract_layers(backbone, data, layers=None, transform=None, batch_size: int = 128, device=None,
                    cache: bool = True, progress: bool = True) -> dict:
     "`{layer: (N, D) float32 array}`: pooled features of each block in `layers`, from one pass, cached on disk."
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer, e.g. 128.")
-    x = _as_images(data)
-    model = _backbone(backbone, device)
+    x, model = _as_images(data), _backbone(backbone, device)
     layers = _check_layers(model, layers)
     tfm = transform if transform is not None else getattr(data, "transform", None) or backbone_transform(DEFAULT_SIZE)
     acts = run_frozen(model, x, layers, tfm, batch_size, device, cache, progress)
-    return {l: np.ascontiguousarray(acts.layer(l).numpy()) for l in layers}
+    return {l: f.numpy() for l, f in acts.outputs.items()}
 
 def extract_features(backbone, data, layer: str | None = None, transform=None, batch_size: int = 128, device=None,
                      cache: bool = True, progress: bool = True) -> np.ndarray:

@@ -143,15 +143,14 @@ class GlobalAvgPool(nn.Module):
 class ConvNet(nn.Sequential):
     "What `conv4` builds: an `nn.Sequential` of conv blocks, then `nn.Flatten` or `GlobalAvgPool`, then the head (if any)."
     def layer_groups(self) -> list:
-        "`block1`..`blockN` and `head`, for `tltutor.backbones.layer_groups`, `feature_extractor`, `extract` and `freeze`."
+        "`block1`..`blockN` and `head`, for `tltutor.backbones.layer_groups` (so `feature_extractor`, `extract`, `freeze`)."
         mods = list(self)
-        k = next((i for i, m in enumerate(mods) if isinstance(m, (nn.Flatten, GlobalAvgPool))), len(mods))
-        head = mods[k + 1:]
-        if head and not isinstance(mods[k], GlobalAvgPool):
+        k = next(i for i, m in enumerate(mods) if not isinstance(m, nn.Sequential))        # the flatten or pooling layer
+        if mods[k + 1:] and not isinstance(mods[k], GlobalAvgPool):
             raise TypeError("layer_groups pools the last block before the head, but this net's head reads the flattened "
                             "feature maps: build it with conv4(..., pool='mean').")
-        groups = [(f"block{i}", b) for i, b in enumerate(mods[:k], 1)]
-        return groups + ([("head", head[0] if len(head) == 1 else nn.Sequential(*head))] if head else [])
+        head = [("head", mods[-1] if k + 2 == len(mods) else nn.Sequential(*mods[k + 1:]))] if mods[k + 1:] else []
+        return [(f"block{i}", b) for i, b in enumerate(mods[:k], 1)] + head
 
 def conv4(in_channels: int = 1, hidden: int = 64, blocks: int = 4, num_classes: int | None = None,
           image_size: int = 28, widths=None, bn: bool = True, downsample: str = "max", pool: str = "flatten",
@@ -161,20 +160,16 @@ def conv4(in_channels: int = 1, hidden: int = 64, blocks: int = 4, num_classes: 
     with `num_classes`, a linear head for `image_size` px inputs (through a ReLU layer of `head_hidden` units if given).
     `bn`, `downsample`: see `conv_block`. `channels_last` weights make the CPU kernels faster (the few-shot default)."""
     _positive_int("in_channels", in_channels)
-    if widths is None: widths = [_positive_int("hidden", hidden)] * _positive_int("blocks", blocks)
-    widths = [_positive_int("widths", w) for w in widths]
-    if not widths: raise ValueError("widths is empty: a conv net needs at least one block.")
+    widths = [_positive_int("hidden", hidden)] * _positive_int("blocks", blocks) if widths is None else list(widths)
+    if not widths or not all(_positive_int("widths", w) for w in widths): raise ValueError("widths must list 1+ blocks.")
     if pool not in ("flatten", "mean"): raise ValueError(f"pool={pool!r} must be 'flatten' or 'mean'.")
     convs = [conv_block(c_in, c_out, bn, downsample) for c_in, c_out in zip([in_channels] + widths[:-1], widths)]
     head = []
     if num_classes is not None:
         n_in = widths[-1]
-        if pool == "flatten":
-            if downsample == "max":
-                side = _positive_int("image_size", image_size, 2 ** len(widths)) // 2 ** len(widths)  # each max-pool halves it (floor)
-            else:
-                side = _positive_int("image_size", image_size)
-                for _ in widths: side = (side - 1) // 2 + 1                                           # each stride-2 conv
+        if pool == "flatten":     # each max-pool halves the side (floor), each stride-2 convolution too (ceil)
+            side = _positive_int("image_size", image_size, 2 ** len(widths) if downsample == "max" else 1)
+            for _ in widths: side = side // 2 if downsample == "max" else (side + 1) // 2
             n_in *= side ** 2
         if head_hidden is not None: head = [nn.Linear(n_in, _positive_int("head_hidden", head_hidden)), nn.ReLU()]; n_in = head_hidden
         head.append(nn.Linear(n_in, _positive_int("num_classes", num_classes)))
@@ -287,9 +282,6 @@ def embed_dataset(embed_fn, dataset, batch_size: int = 256, device=None) -> tupl
     "Embeddings `(n, d)` (float32, on the CPU) and labels `(n,)` of every item of `dataset`; `embed_fn=None` flattens the inputs."
     if embed_fn is not None and not callable(embed_fn):
         raise TypeError(f"embed_fn must be a callable (an encoder module or a function of a batch), or None; got {embed_fn!r}.")
-    if isinstance(dataset, (tuple, list)) and len(dataset) != 2: raise TypeError("a tuple dataset must be (x, y).")
-    if hasattr(dataset, "x") and hasattr(dataset, "y") and getattr(dataset, "transform", None) is None:
-        dataset = (dataset.x, dataset.y)                 # whole tensors: sliced into batches, not read item by item
     emb, ys = run_frozen(embed_fn, dataset, batch_size=batch_size, device=device)
     return emb.flatten(1), ys.long()
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from .backbones import layer_groups
 from .checks import check_finite, check_int, check_labels
+from .extract import run_frozen
 
 # %% auto #0
 __all__ = ['logme', 'leep', 'nce', 'h_score', 'grey_transform', 'source_probs', 'transferability_scores', 'rank_agreement']
@@ -142,11 +143,8 @@ def source_probs(model: nn.Module, features) -> np.ndarray:
     "Softmax of `model`'s source head (the last of its `layer_groups`) applied to pooled `features` of its last block."
     name, head = layer_groups(model)[-1]
     if name != "head": raise ValueError(f"the last layer group of this {type(model).__name__} is {name!r}, not a head.")
-    f = torch.as_tensor(_features(features), dtype=torch.float32)
-    was_training = head.training
-    head.eval()                                  # no dropout: the head as it predicts
-    try: return torch.softmax(head(f), 1).double().numpy()
-    finally: head.train(was_training)
+    f = torch.as_tensor(_features(features), dtype=torch.float32)    # the head in eval mode (no dropout), in one batch
+    return torch.softmax(run_frozen(head, f, batch_size=max(len(f), 1), device="cpu").outputs, 1).double().numpy()
 
 def transferability_scores(features, y, probs=None) -> dict:
     """LogME and H-score of `features`, LEEP and NCE of the source-head `probs` (NaN without a head), for labels `y`;

@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from tltutor.backbones import feature_extractor
 from tltutor.data import ImageDataset, backbone_transform, subset_per_class
 import tltutor.extract
-from tltutor.extract import (FeatureExtractor, backbone_fingerprint, code_fingerprint, extract_features, extract_layers,
+from tltutor.extract import (BackboneFeatures, backbone_fingerprint, code_fingerprint, extract_features, extract_layers,
                              feature_cache_dir, feature_cache_path, linear_probe, probe_layers, select_layer,
                              subset_index, transform_fingerprint)
 
@@ -222,14 +222,14 @@ def test_linear_probe_equals_sklearn_pipeline_and_rejects_bad_input():
 def test_feature_extractor_in_a_pipeline(net):
     ds = toy(30, classes=3)
     X = (ds.x[:, 0] * 255).round().to(torch.uint8).numpy()
-    pipe = Pipeline([("features", FeatureExtractor(net, layer="stage4", size=32, device="cpu")),
+    pipe = Pipeline([("features", BackboneFeatures(net, layer="stage4", size=32, device="cpu")),
                      ("clf", LogisticRegression(max_iter=500))]).fit(X, ds.y.numpy())
     assert pipe.predict(X).shape == (30,)
     direct = extract_features(net, X, "stage4", backbone_transform(32), device="cpu", progress=False)
     np.testing.assert_array_equal(pipe.named_steps["features"].transform(X), direct)
-    with pytest.raises(ValueError, match="choose from"): FeatureExtractor(net, layer="head").fit(X)
+    with pytest.raises(ValueError, match="choose from"): BackboneFeatures(net, layer="head").fit(X)
     from sklearn.exceptions import NotFittedError
-    with pytest.raises(NotFittedError): FeatureExtractor(net).transform(X)
+    with pytest.raises(NotFittedError): BackboneFeatures(net).transform(X)
 
 
 def test_subset_index_matches_subset_per_class():

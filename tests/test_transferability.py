@@ -9,7 +9,8 @@ from sklearn.metrics import mutual_info_score
 from torch import nn
 
 from tltutor.backbones import feature_extractor
-from tltutor.transferability import (SmallCNN, _max_evidence, grey_transform, h_score, leep, logme, nce, rank_agreement,
+from tltutor.fewshot import conv4
+from tltutor.transferability import (_max_evidence, grey_transform, h_score, leep, logme, nce, rank_agreement,
                                      source_probs, transferability_scores)
 
 
@@ -108,11 +109,11 @@ def test_leep_refuses_logits_and_nce_refuses_missing():
 
 # --- zoo helpers -----------------------------------------------------------------------------------------------------
 def test_small_cnn_source_probs_and_transform():
-    m, x = SmallCNN(4).eval(), torch.rand(6, 1, 28, 28)
+    m, x = conv4(hidden=32, num_classes=4, pool="mean", channels_last=False).eval(), torch.rand(6, 1, 28, 28)
     with torch.no_grad(): feats, logits = feature_extractor(m, "block4")(x), m(x)
     assert np.allclose(source_probs(m, feats), torch.softmax(logits, 1).numpy(), atol=1e-5)
     assert grey_transform()(torch.rand(2, 3, 8, 8)).shape == (2, 1, 28, 28)
-    with pytest.raises(ValueError, match="num_classes=0"): SmallCNN(0)
+    with pytest.raises(ValueError, match="num_classes=0"): conv4(num_classes=0, pool="mean")
     with pytest.raises(TypeError, match="needs an image tensor"): grey_transform()(np.zeros((1, 8, 8)))
     with pytest.raises(TypeError, match="layer_groups knows"): source_probs(nn.Linear(2, 2), feats)
 

@@ -24,8 +24,8 @@ from .core import atomic_write, default_device, sha256_file
 
 # %% auto #0
 __all__ = ['BACKBONES', 'PREPARE_CMD', 'WeightsUnavailable', 'status', 'prepare', 'weights_meta', 'check_images', 'pretrained',
-           'layer_groups', 'replace_head', 'to_chw', 'predict_labels', 'FeatureExtractor', 'feature_extractor',
-           'block_features', 'BackboneSummary', 'summary', 'throughput']
+           'layer_groups', 'replace_head', 'to_chw', 'predict_labels', 'iter_groups', 'forward_groups',
+           'FeatureExtractor', 'feature_extractor', 'block_features', 'BackboneSummary', 'summary', 'throughput']
 
 # %% ../nbs/02_backbones.ipynb #e30c0c13
 BACKBONES = ("mobilenet_v2", "efficientnet_lite0")  # the backbones that work offline
@@ -294,6 +294,19 @@ def _out_channels(module: nn.Module) -> int:
         if isinstance(m, nn.Conv2d): return m.out_channels
     raise ValueError("cannot tell the number of output channels of this block (it has no Conv2d/BatchNorm2d).")
 
+def iter_groups(groups, x):
+    "Run `x` through `(name, module)` groups in order, yielding `(name, output)`; maps are pooled to `(N, C)` before `head`."
+    for name, g in groups:
+        if not callable(g): raise TypeError(f"group {name!r} is a {type(g).__name__}, not a module: pass (name, nn.Module) pairs.")
+        if name == "head" and x.ndim == 4: x = x.mean(dim=(2, 3))
+        x = g(x)
+        yield name, x
+
+def forward_groups(groups, x):
+    "The output of the last of the `(name, module)` groups for input `x` (`iter_groups` run to the end)."
+    for _, x in iter_groups(groups, x): pass
+    return x
+
 class FeatureExtractor(nn.Module):
     "The blocks of a backbone up to a named layer, followed by global average pooling: images `(N, C, H, W)` -> `(N, D)`."
     def __init__(self, groups, in_channels: int = 3):
@@ -304,8 +317,7 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, x):
         check_images(x, self.in_channels)
-        for block in self.blocks.values(): x = block(x)
-        return x.mean(dim=(2, 3))
+        return forward_groups(self.blocks.items(), x).mean(dim=(2, 3))
 
     def extra_repr(self): return f"layer={self.layer!r}, out_features={self.out_features}"
 
@@ -330,8 +342,7 @@ def block_features(model: nn.Module, x: torch.Tensor, layers=None) -> dict:
     if bad: raise ValueError(f"layers {bad} are not blocks of this {type(model).__name__}; choose from {names}.")
     check_images(x, fe.in_channels)
     out = {}
-    for name, block in fe.blocks.items():
-        x = block(x)
+    for name, x in iter_groups(fe.blocks.items(), x):
         if name in layers: out[name] = x.mean(dim=(2, 3))
         if len(out) == len(layers): break
     return out
@@ -374,9 +385,7 @@ def summary(model: nn.Module, input_size: int | None = None) -> BackboneSummary:
             conv = _first_conv(model)
             x = torch.zeros(1, conv.in_channels, input_size, input_size, device=next(model.parameters()).device)
             with torch.no_grad():
-                for row, (name, g) in zip(rows, groups):
-                    if name == "head": x = x.mean(dim=(2, 3))
-                    x = g(x); row["output"] = "x".join(str(s) for s in x.shape[1:])
+                for row, (_, out) in zip(rows, iter_groups(groups, x)): row["output"] = "x".join(map(str, out.shape[1:]))
         finally:
             for m, t in modes.items(): m.training = t
     return BackboneSummary(f"{type(model).__name__}: {len(groups)} groups", rows)

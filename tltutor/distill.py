@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from .checks import check_number
-from .core import Callback, predict
+from .core import Callback
+from .extract import run_frozen
 
 # %% auto #0
 __all__ = ['softmax_t', 'kd_loss', 'feature_kd_loss', 'cache_teacher', 'Distill']
@@ -83,7 +83,7 @@ class _Prepared(nn.Module):
     "A teacher that first applies `transform` to its input batch."
     def __init__(self, teacher, transform):
         super().__init__(); self.teacher, self.transform = teacher, transform
-        self.train(teacher.training)  # so that predict() hands the teacher back in the mode it came in
+        self.train(teacher.training)  # so that the teacher keeps the mode it came in
     def forward(self, x): return self.teacher(self.transform(x) if self.transform is not None else x)
 
 def cache_teacher(teacher: nn.Module, dataset, teacher_transform=None, batch_size: int = 256, device=None,
@@ -93,18 +93,12 @@ def cache_teacher(teacher: nn.Module, dataset, teacher_transform=None, batch_siz
     `teacher_transform` maps a batch of `x` to the teacher's input (the student keeps `x`). Eval mode, no gradients;
     the logits are float32 on the CPU."""
     if not isinstance(teacher, nn.Module): raise TypeError(f"teacher must be a torch.nn.Module; got {type(teacher).__name__}.")
-    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
-        raise TypeError(f"dataset must be a Dataset of (image, label) items (ImageDataset, TensorDataset); got "
-                        f"{type(dataset).__name__}.")
-    if len(dataset) == 0: raise ValueError("dataset is empty: there is nothing to label with the teacher.")
     if teacher_transform is not None and not callable(teacher_transform):
         raise TypeError(f"teacher_transform must be callable on a batch of images, e.g. backbone_transform(48).")
     _teacher_eval_warning(teacher)
-    xs, ys = (torch.cat(t) for t in zip(*[b[:2] for b in DataLoader(dataset, batch_size=batch_size)]))  # one pass
-    dl = DataLoader(TensorDataset(xs, ys), batch_size=batch_size)
-    logits, _ = predict(_Prepared(teacher, teacher_transform),
-                        tqdm(dl, desc="teacher logits", disable=not progress, leave=False), device=device)
-    return TensorDataset(xs, ys, logits)
+    acts = run_frozen(teacher, dataset, transform=teacher_transform, batch_size=batch_size, device=device, progress=progress)
+    xs = torch.cat([b[0] for b in DataLoader(dataset, batch_size=batch_size)])     # the student's inputs
+    return TensorDataset(xs, acts.targets, acts.outputs)
 
 # %% ../nbs/16_distillation.ipynb #51407729
 class Distill(Callback):

@@ -21,10 +21,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from .checks import check_int, check_number
 from .core import Callback, atomic_write, atomic_write_text, default_device, dist_info, fit, seed_everything
 from .data import FileImages, scan_image_folder
+from .fewshot import conv4
 
 # %% auto #0
 __all__ = ['init_distributed', 'finish_distributed', 'torchrun_cmd', 'torchrun', 'tiny_mlp', 'toy_data', 'one_step',
-           'max_abs_diff', 'small_cnn', 'bench', 'KillAt', 'resumable_run', 'folder_split', 'train_folder']
+           'max_abs_diff', 'bench', 'KillAt', 'resumable_run', 'folder_split', 'train_folder']
 
 # %% ../nbs/22_scale_out.ipynb #c962d562
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
@@ -101,13 +102,6 @@ def max_abs_diff(a: nn.Module, b: nn.Module) -> float:
     return max((pa[k].detach() - pb[k].detach()).abs().max().item() for k in pa)
 
 # %% ../nbs/22_scale_out.ipynb #d7b2ac2e
-def small_cnn(width: int = 16, n_classes: int = 10) -> nn.Sequential:
-    "A small CNN for 28x28 grey images (no BatchNorm: every process computes the same function)."
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, width, 3, stride=2, padding=1), nn.ReLU(),
-                         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(2 * width * 49, 128), nn.ReLU(), nn.Linear(128, n_classes))
-
 def bench(steps: int = 20, batch_size: int = 64, width: int = 16) -> dict:
     """Time `fit` on random 28x28 images, `batch_size` per process (so `world_size` x `batch_size` per step), and the
     share of a step that waits for DDP's all-reduce: `1 - t(step without sync) / t(step)`, with the gradient sync
@@ -115,7 +109,9 @@ def bench(steps: int = 20, batch_size: int = 64, width: int = 16) -> dict:
     for nm, v in (("steps", steps), ("batch_size", batch_size), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{nm}={v!r} must be a positive integer.")
     rank, world = dist_info()
-    model = small_cnn(width)
+    torch.manual_seed(0)   # every process builds the same net: two stride-2 conv blocks without BatchNorm, an MLP head
+    model = conv4(1, widths=(width, 2 * width), num_classes=10, bn=False, downsample="stride", head_hidden=128,
+                  channels_last=False)
     n = steps * batch_size * world
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))

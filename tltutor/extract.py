@@ -8,13 +8,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.linear_model import LogisticRegression
@@ -31,8 +32,8 @@ from .backbones import block_features, layer_groups, pretrained
 
 # %% auto #0
 __all__ = ['DEFAULT_SIZE', 'feature_cache_dir', 'backbone_fingerprint', 'code_fingerprint', 'transform_fingerprint',
-           'images_fingerprint', 'feature_cache_path', 'extract_layers', 'extract_features', 'linear_probe',
-           'FeatureExtractor', 'subset_index', 'probe_layers', 'select_layer']
+           'images_fingerprint', 'feature_cache_path', 'Activations', 'run_frozen', 'extract_layers',
+           'extract_features', 'linear_probe', 'BackboneFeatures', 'subset_index', 'probe_layers', 'select_layer']
 
 # %% ../nbs/10_feature_extraction.ipynb #95e29d30
 DEFAULT_SIZE = 64  # px: the resolution this chapter feeds MobileNetV2 (see the experiment below)
@@ -81,8 +82,9 @@ def _source_hash(obj) -> str:
 def _feature_code() -> list:
     "The functions and classes whose code computes cached features (looked up at each call)."
     from tltutor import backbones
-    return [globals()["_as_images"], globals()["extract_layers"], globals()["block_features"],
-            backbones.feature_extractor, backbones.FeatureExtractor, backbones.layer_groups]
+    return [globals()["_as_images"], globals()["run_frozen"], globals()["extract_layers"], globals()["block_features"],
+            backbones.feature_extractor, backbones.FeatureExtractor, backbones.layer_groups,
+            backbones.iter_groups]
 
 def code_fingerprint(code=None) -> str:
     """`tltutor-<version>+torch-<version>-<hash>`: the versions and a hash of the source of `code` (default: the
@@ -133,11 +135,8 @@ def _backbone(backbone, device):
         raise TypeError(f"backbone must be a name such as 'mobilenet_v2' or a torch.nn.Module; got {type(backbone).__name__}.")
     return backbone.to(default_device(device))
 
-def _layer_names(model) -> list:
-    return [n for n, _ in layer_groups(model) if n != "head"]
-
 def _check_layers(model, layers) -> list:
-    names = _layer_names(model)
+    names = [n for n, _ in layer_groups(model) if n != "head"]
     layers = [names[-1]] if layers is None else [layers] if isinstance(layers, str) else list(layers)
     bad = [l for l in layers if l not in names]
     if bad or not layers:
@@ -165,42 +164,90 @@ def _read_cache(path, fields):
     if stored != fields:
         warnings.warn(f"{path.name} was written for {stored}, not for {fields}; recomputing it.")
         return None
-    return arrays["features"]
+    return torch.from_numpy(arrays["features"])
+
+class Activations:
+    """What `run_frozen` returns: `outputs` (float32 on the CPU, one row per item; `{block: (N, D)}` when blocks were
+    asked for), `targets` (the data's labels, None for bare inputs) and `seconds` (the pass; 0 when all came from the
+    cache). Unpacks as `outputs, targets = acts`; `dataset()` gives `TensorDataset(outputs, targets)`."""
+    def __init__(self, outputs, targets=None, seconds: float = 0.0):
+        self.outputs, self.targets, self.seconds = outputs, targets, seconds
+    def __iter__(self): return iter((self.outputs, self.targets))
+    def dataset(self, *extra) -> TensorDataset:
+        "`TensorDataset(outputs, targets, *extra)`: the cached outputs ready for a `DataLoader`."
+        if self.targets is None: raise ValueError("these activations have no targets: the data held inputs only.")
+        return TensorDataset(self.outputs, self.targets, *extra)
+
+def _batches(data, batch_size: int):
+    "`(inputs, targets or None)` batches: slices of tensors (a data set's `.x`/`.y` without transform), else a DataLoader's."
+    if hasattr(data, "x") and hasattr(data, "y") and getattr(data, "transform", None) is None: data = (data.x, data.y)
+    if isinstance(data, (torch.Tensor, np.ndarray, tuple, list)):
+        xy = [torch.as_tensor(a) for a in (data if isinstance(data, (tuple, list)) else [data])]
+        if len(xy) > 2 or len({len(a) for a in xy}) > 1:
+            raise ValueError(f"a pair of data must be (inputs, targets) of one length; got {[len(a) for a in xy]} items.")
+        batches = (tuple(a[i:i + batch_size] for a in xy) for i in range(0, len(xy[0]), batch_size))
+    elif isinstance(data, DataLoader): batches = data
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"): batches = DataLoader(data, batch_size=batch_size)
+    else:
+        raise TypeError(f"cannot run a model over {type(data).__name__}; pass a Dataset or DataLoader of (input, target) "
+                        "items, an (inputs, targets) pair or a tensor of inputs.")
+    for b in batches:
+        b = b if isinstance(b, (tuple, list)) else (b,)
+        yield b[0], (b[1] if len(b) > 1 else None)
+
+def run_frozen(model, data, layer=None, transform=None, batch_size: int = 128, device=None, cache: bool = False,
+               progress: bool = False) -> Activations:
+    """Run a frozen `model` once over `data` (eval mode, no gradients, `batch_size` items at a time on `device`,
+    default cuda > mps > cpu) and keep what comes out, as `Activations`. `model`: an `nn.Module` (its train/eval flags
+    are restored), a backbone name, a function of a batch, or None (the inputs themselves). `layer`: None for the
+    model's output, or block names of `layer_groups(model)` for their pooled features, from one pass. `data`: a Dataset
+    or DataLoader of `(input, target, ...)` items, an `(inputs, targets)` pair or a tensor of inputs. `transform` maps
+    each batch (on the device) to the model's input. `cache=True` (blocks of a tensor of images) keeps each block's
+    features under `$TLTUTOR_HOME/features`, keyed by the weights, the block, the images, the transform and the code."""
+    batch_size = check_int(batch_size, "batch_size", hint="e.g. 128")
+    dev, blocks, out, paths = default_device(device), None, {}, {}
+    if layer is not None or isinstance(model, str):
+        model = _backbone(model, dev)
+        blocks = _check_layers(model, layer) if layer is not None else None
+    if cache:
+        if blocks is None or not isinstance(data, torch.Tensor):
+            raise ValueError("cache=True keeps block features of images in one tensor (N, C, H, W): pass those, and layer=...")
+        common = _common_fields(model, transform, data)  # hashed once for all blocks
+        for l in blocks:
+            paths[l] = (_path_for(dict(common, layer=l)), dict(common, layer=l))
+            if (hit := _read_cache(*paths[l])) is not None: out[l] = hit
+    todo, targets, seconds = [l for l in blocks or [] if l not in out], None, 0.0
+    if blocks is None or todo:
+        run = (lambda x: block_features(model, x, todo)) if todo else (lambda x: x) if model is None else model
+        modes = {m: m.training for m in model.modules()} if isinstance(model, nn.Module) else {}
+        if modes: model.to(dev).eval()
+        t0, outs, ys = time.perf_counter(), [], []
+        try:
+            with torch.no_grad():
+                for xb, yb in tqdm(_batches(data, batch_size), desc="frozen pass", disable=not progress, leave=False):
+                    xb = xb.to(dev, non_blocking=True)
+                    o = run(xb if transform is None else transform(xb))
+                    o = o[0] if isinstance(o, (tuple, list)) else o
+                    outs.append({l: f.float().cpu() for l, f in o.items()} if todo else o.float().cpu())
+                    if yb is not None: ys.append(torch.as_tensor(yb).cpu())
+        finally:
+            for m, t in modes.items(): m.training = t
+        if not outs: raise ValueError("the data is empty: there is nothing to run the model on.")
+        seconds, targets = time.perf_counter() - t0, torch.cat(ys) if ys else None
+        if blocks is None: return Activations(torch.cat(outs), targets, seconds=seconds)
+        for l in todo:
+            out[l] = torch.cat([o[l] for o in outs])
+            if cache: save_npz(paths[l][0], features=out[l].numpy(), key=np.array(json.dumps(paths[l][1], sort_keys=True)))
+    return Activations({l: out[l] for l in blocks}, targets, seconds)
 
 def extract_layers(backbone, data, layers=None, transform=None, batch_size: int = 128, device=None,
                    cache: bool = True, progress: bool = True) -> dict:
     "`{layer: (N, D) float32 array}`: pooled features of each block in `layers`, from one pass, cached on disk."
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer, e.g. 128.")
-    x = _as_images(data)
-    model = _backbone(backbone, device)
+    x, model = _as_images(data), _backbone(backbone, device)
     layers = _check_layers(model, layers)
     tfm = transform if transform is not None else getattr(data, "transform", None) or backbone_transform(DEFAULT_SIZE)
-    out, todo, paths = {}, [], {}
-    common = _common_fields(model, tfm, x) if cache else None  # hashed once for all layers
-    for layer in layers:
-        if cache:
-            fields = dict(common, layer=layer)
-            paths[layer] = (_path_for(fields), fields)
-            hit = _read_cache(*paths[layer])
-            if hit is not None: out[layer] = hit; continue
-        todo.append(layer)
-    if todo:
-        dev, was_training = next(model.parameters()).device, model.training
-        model.eval(); parts = {l: [] for l in todo}
-        try:
-            with torch.inference_mode():
-                for i in tqdm(range(0, len(x), batch_size), desc=f"features ({len(x)} images)", disable=not progress,
-                              leave=False):
-                    feats = block_features(model, tfm(x[i:i + batch_size].to(dev, non_blocking=True)), todo)
-                    for l in todo: parts[l].append(feats[l].float().cpu())
-        finally: model.train(was_training)
-        for l in todo:
-            out[l] = torch.cat(parts[l]).numpy()
-            if cache:
-                path, fields = paths[l]
-                save_npz(path, features=out[l], key=np.array(json.dumps(fields, sort_keys=True)))
-    return {l: out[l] for l in layers}
+    acts = run_frozen(model, x, layers, tfm, batch_size, device, cache, progress)
+    return {l: f.numpy() for l, f in acts.outputs.items()}
 
 def extract_features(backbone, data, layer: str | None = None, transform=None, batch_size: int = 128, device=None,
                      cache: bool = True, progress: bool = True) -> np.ndarray:
@@ -208,6 +255,7 @@ def extract_features(backbone, data, layer: str | None = None, transform=None, b
     if layer is not None and not isinstance(layer, str):
         raise TypeError(f"layer must be one block name (a string) or None; for several use extract_layers(..., {layer!r}).")
     return next(iter(extract_layers(backbone, data, layer, transform, batch_size, device, cache, progress).values()))
+
 
 # %% ../nbs/10_feature_extraction.ipynb #1a4da077
 def _check_xy(feats, y, what="train_feats"):
@@ -229,7 +277,7 @@ def linear_probe(train_feats, train_y, C: float = 0.05, max_iter: int = 2000) ->
     return probe
 
 # %% ../nbs/10_feature_extraction.ipynb #4202d433
-class FeatureExtractor(TransformerMixin, BaseEstimator):
+class BackboneFeatures(TransformerMixin, BaseEstimator):
     "scikit-learn transformer: images `(N, H, W)` / `(N, C, H, W)` -> frozen `backbone` features of `layer` at `size` px."
     def __init__(self, backbone="mobilenet_v2", layer=None, size: int = DEFAULT_SIZE, batch_size: int = 128,
                  device=None, cache: bool = True, progress: bool = False):

@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 
 from .checks import check_finite, check_int, check_labels, check_number
 from .core import default_device, fit
+from .extract import run_frozen
 
 # %% auto #0
-__all__ = ['DISTANCES', 'EpisodeSampler', 'conv_block', 'conv4', 'prototypes', 'proto_logits', 'ProtoNet', 'train_protonet',
-           'EpisodeScore', 'embed_dataset', 'evaluate_episodes', 'pretrain_classifier']
+__all__ = ['DISTANCES', 'EpisodeSampler', 'conv_block', 'GlobalAvgPool', 'ConvNet', 'conv4', 'prototypes', 'proto_logits',
+           'ProtoNet', 'train_protonet', 'EpisodeScore', 'embed_dataset', 'evaluate_episodes', 'pretrain_classifier']
 
 # %% ../nbs/14_prototypes.ipynb #cd2ac434
 def _positive_int(name: str, v, minimum: int = 1) -> int:
@@ -126,22 +127,55 @@ class EpisodeSampler(Sampler):
                 f"{self.episodes} episodes over {len(self.classes)} classes)")
 
 # %% ../nbs/14_prototypes.ipynb #3d3f569c
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    "One block of `conv4`: 3x3 convolution, batch norm, ReLU, 2x2 max-pool."
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
-                         nn.ReLU(), nn.MaxPool2d(2))
+def conv_block(in_channels: int, out_channels: int, bn: bool = True, downsample: str = "max") -> nn.Sequential:
+    """One block of `conv4`: 3x3 convolution, batch norm (unless `bn=False`), ReLU, then a 2x2 max-pool
+    (`downsample='max'`), or, with `downsample='stride'`, a stride-2 convolution instead of the pool."""
+    if downsample not in ("max", "stride"): raise ValueError(f"downsample={downsample!r} must be 'max' or 'stride'.")
+    stride = 2 if downsample == "stride" else 1
+    layers = [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)]
+    layers += ([nn.BatchNorm2d(out_channels)] if bn else []) + [nn.ReLU()] + ([nn.MaxPool2d(2)] if downsample == "max" else [])
+    return nn.Sequential(*layers)
+
+class GlobalAvgPool(nn.Module):
+    "Average each feature map over its positions: `(N, C, H, W)` -> `(N, C)`."
+    def forward(self, x): return x.mean(dim=(2, 3))
+
+class ConvNet(nn.Sequential):
+    "What `conv4` builds: an `nn.Sequential` of conv blocks, then `nn.Flatten` or `GlobalAvgPool`, then the head (if any)."
+    def layer_groups(self) -> list:
+        "`block1`..`blockN` and `head`, for `tltutor.backbones.layer_groups` (so `feature_extractor`, `extract`, `freeze`)."
+        mods = list(self)
+        k = next(i for i, m in enumerate(mods) if not isinstance(m, nn.Sequential))        # the flatten or pooling layer
+        if mods[k + 1:] and not isinstance(mods[k], GlobalAvgPool):
+            raise TypeError("layer_groups pools the last block before the head, but this net's head reads the flattened "
+                            "feature maps: build it with conv4(..., pool='mean').")
+        head = [("head", mods[-1] if k + 2 == len(mods) else nn.Sequential(*mods[k + 1:]))] if mods[k + 1:] else []
+        return [(f"block{i}", b) for i, b in enumerate(mods[:k], 1)] + head
 
 def conv4(in_channels: int = 1, hidden: int = 64, blocks: int = 4, num_classes: int | None = None,
-          image_size: int = 28) -> nn.Sequential:
-    "The standard few-shot encoder: `blocks` conv blocks of `hidden` channels, flattened; with `num_classes`, a linear head for `image_size` px inputs."
-    _positive_int("in_channels", in_channels); _positive_int("hidden", hidden); _positive_int("blocks", blocks)
-    layers = [conv_block(in_channels if i == 0 else hidden, hidden) for i in range(blocks)] + [nn.Flatten()]
-    # channels-last weights make the CPU (oneDNN) kernels about 1.5x faster to train and 2x faster to embed here
-    net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+          image_size: int = 28, widths=None, bn: bool = True, downsample: str = "max", pool: str = "flatten",
+          head_hidden: int | None = None, channels_last: bool = True) -> ConvNet:
+    """The course's small CNN; by default the standard few-shot encoder: `blocks` `conv_block`s of `hidden` channels
+    (`widths`: one entry per block instead), flattened (`pool='mean'`: globally averaged, and `layer_groups` works);
+    with `num_classes`, a linear head for `image_size` px inputs (through a ReLU layer of `head_hidden` units if given).
+    `bn`, `downsample`: see `conv_block`. `channels_last` weights make the CPU kernels faster (the few-shot default)."""
+    _positive_int("in_channels", in_channels)
+    widths = [_positive_int("hidden", hidden)] * _positive_int("blocks", blocks) if widths is None else list(widths)
+    if not widths or not all(_positive_int("widths", w) for w in widths): raise ValueError("widths must list 1+ blocks.")
+    if pool not in ("flatten", "mean"): raise ValueError(f"pool={pool!r} must be 'flatten' or 'mean'.")
+    convs = [conv_block(c_in, c_out, bn, downsample) for c_in, c_out in zip([in_channels] + widths[:-1], widths)]
+    head = []
     if num_classes is not None:
-        side = _positive_int("image_size", image_size, 2 ** blocks) // 2 ** blocks   # each max-pool halves it (floor)
-        net.append(nn.Linear(hidden * side ** 2, _positive_int("num_classes", num_classes)))
-    return net
+        n_in = widths[-1]
+        if pool == "flatten":     # each max-pool halves the side (floor), each stride-2 convolution too (ceil)
+            side = _positive_int("image_size", image_size, 2 ** len(widths) if downsample == "max" else 1)
+            for _ in widths: side = side // 2 if downsample == "max" else (side + 1) // 2
+            n_in *= side ** 2
+        if head_hidden is not None: head = [nn.Linear(n_in, _positive_int("head_hidden", head_hidden)), nn.ReLU()]; n_in = head_hidden
+        head.append(nn.Linear(n_in, _positive_int("num_classes", num_classes)))
+    net = ConvNet(*convs, nn.Flatten() if pool == "flatten" else GlobalAvgPool(), *head)
+    # channels-last weights make the CPU (oneDNN) kernels about 1.5x faster to train and 2x faster to embed here
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 # %% ../nbs/14_prototypes.ipynb #c210e9d0
 DISTANCES = ("sqeuclidean", "cosine")
@@ -244,38 +278,12 @@ class EpisodeScore(NamedTuple):
 
     def __repr__(self): return f"{self.accuracy:.3f} ± {self.ci95:.3f} ({self.episodes} episodes)"
 
-def _batches(dataset, batch_size: int):
-    "Batches `(x, y)` of `dataset` in order: slices of `(x, y)` tensors, of a dataset's `.x`/`.y`, or a DataLoader."
-    if isinstance(dataset, (tuple, list)):
-        if len(dataset) != 2: raise TypeError("a tuple dataset must be (x, y).")
-        x, y = (torch.as_tensor(a) for a in dataset)
-    elif hasattr(dataset, "x") and hasattr(dataset, "y") and getattr(dataset, "transform", None) is None:
-        x, y = torch.as_tensor(dataset.x), torch.as_tensor(dataset.y)
-    elif hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
-        yield from DataLoader(dataset, batch_size=batch_size); return
-    else:
-        raise TypeError(f"dataset must be a Dataset of (x, y) items or a tuple (x, y); got {type(dataset).__name__}.")
-    if len(x) != len(y): raise ValueError(f"x has {len(x)} items but y has {len(y)}.")
-    for i in range(0, len(y), batch_size): yield x[i:i + batch_size], y[i:i + batch_size]
-
-@torch.no_grad()
 def embed_dataset(embed_fn, dataset, batch_size: int = 256, device=None) -> tuple:
     "Embeddings `(n, d)` (float32, on the CPU) and labels `(n,)` of every item of `dataset`; `embed_fn=None` flattens the inputs."
-    device = default_device(device)
     if embed_fn is not None and not callable(embed_fn):
         raise TypeError(f"embed_fn must be a callable (an encoder module or a function of a batch), or None; got {embed_fn!r}.")
-    module = embed_fn if isinstance(embed_fn, nn.Module) else None
-    was_training = module.training if module is not None else False
-    if module is not None: module.to(device).eval()
-    embs, ys = [], []
-    try:
-        for xb, yb in _batches(dataset, batch_size):
-            e = xb if embed_fn is None else embed_fn(xb.to(device, non_blocking=True))
-            embs.append(e.flatten(1).float().cpu()); ys.append(torch.as_tensor(yb).cpu())
-    finally:
-        if module is not None: module.train(was_training)
-    if not embs: raise ValueError("the dataset is empty: nothing to embed.")
-    return torch.cat(embs), torch.cat(ys).long()
+    emb, ys = run_frozen(embed_fn, dataset, batch_size=batch_size, device=device)
+    return emb.flatten(1), ys.long()
 
 def _score_embedded(emb, idx, n_way, k_shot, n_query, distance, chunk_floats=2**23):
     "Accuracy of each episode (rows of `idx`) with prototypes from precomputed embeddings, in memory-bounded chunks."

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .backbones import feature_extractor, layer_groups, predict_labels, replace_head, to_chw, weights_meta
 from .checks import check_int, check_number
 from .core import Callback, History, fit, predict
+from .extract import run_frozen
 
 # %% auto #0
 __all__ = ['head_module', 'head_features', 'train_head', 'discriminative_param_groups', 'warmup_cosine', 'L2SP', 'fine_tune',
@@ -30,7 +31,7 @@ def head_module(model: nn.Module) -> nn.Module:
 
 def head_features(model: nn.Module, dl, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     "Pooled penultimate features of `model` (eval mode, no gradients) and the targets, for every batch of `dl`."
-    return predict(feature_extractor(model), dl, device=device)
+    return tuple(run_frozen(feature_extractor(model), dl, device=device))
 
 # %% ../nbs/11_fine_tuning.ipynb #d7ebc8b6
 def _check_lr(lr, name): return check_number(lr, name, min=0, min_open=True, hint=f"e.g. {name}=1e-3")

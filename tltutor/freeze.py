@@ -12,9 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from .backbones import BackboneSummary, layer_groups, summary
+from .backbones import BackboneSummary, forward_groups, layer_groups, summary
 from .checks import check_int
 from .core import Callback, check_optimizer, default_device
+from .extract import run_frozen
 from .finetune import discriminative_param_groups
 
 # %% auto #0
@@ -169,19 +170,12 @@ class GradualUnfreezing(Callback):
         state.log["unfrozen"] = self.unfrozen
 
 # %% ../nbs/12_freezing.ipynb #874825eb
-def _forward_groups(groups, x):
-    "Run `x` through `(name, module)` groups in order, pooling feature maps to (N, C) before the head."
-    for name, g in groups:
-        if name == "head" and x.ndim == 4: x = x.mean(dim=(2, 3))
-        x = g(x)
-    return x
-
 class TopModel(nn.Module):
     "The trainable top of a network: its layer groups from the first unfrozen one on (shared with the network, not copied)."
     def __init__(self, groups):
         super().__init__()
         self.groups = nn.ModuleDict(dict(groups))
-    def forward(self, x): return _forward_groups(self.groups.items(), x)
+    def forward(self, x): return forward_groups(self.groups.items(), x)
     def layer_groups(self):
         "Its `(name, module)` groups, so `freeze`, `optimizer_for` and `GradualUnfreezing` work on the top alone."
         return list(self.groups.items())
@@ -211,14 +205,11 @@ def _first_trainable(model) -> int:
                                 "no prefix to cache: freeze(model, upto=...) first.")
     return k
 
-@torch.no_grad()
 def cache_frozen_prefix(model: nn.Module, data, batch_size: int = 64, device=None, progress: bool = False) -> PrefixCache:
     """Run the frozen bottom of `model` (the layer groups before the first trainable one) once over `data` and keep
     its outputs: training `cache.top` on `cache.dataset` then costs only the top. `data` is a Dataset of
     `(image, target)` items without random augmentation, or a `PrefixCache` of the same model cut lower down.
     `batch_size` changes only the speed (64: twice as fast as 256 on a 2-core CPU, where big activations miss the cache)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer, e.g. 64.")
     groups, k = layer_groups(model), _first_trainable(model)
     loose = [n for n, g in groups[:k] if any(not _lock_of(b) for b in _bn_layers(g))]
     if loose:
@@ -228,22 +219,18 @@ def cache_frozen_prefix(model: nn.Module, data, batch_size: int = 64, device=Non
         if data.model is not model: raise ValueError("this PrefixCache was made from another model.")
         if data.k > k: raise ValueError(f"the cache starts at {data.start!r}, above this model's first trainable group "
                                         f"{groups[k][0]!r}: cache from the images instead.")
-        j, dl = data.k, DataLoader(data.dataset, batch_size=batch_size)
-    elif isinstance(data, Dataset): j, dl = 0, DataLoader(data, batch_size=batch_size)
+        j, items = data.k, data.dataset
+    elif isinstance(data, Dataset): j, items = 0, data
     else:
         raise TypeError(f"data must be a Dataset of (image, target) items or a PrefixCache, not {type(data).__name__}"
                         + ("; pass dl.dataset" if isinstance(data, DataLoader) else "") + ".")
-    dev, was_training = default_device(device), model.training
-    model.to(dev).eval()
-    t0, xs, ys = time.perf_counter(), [], []
-    try:
-        for xb, yb, *_ in tqdm(dl, desc=f"caching {groups[k - 1][0]} output", disable=not progress, leave=False):
-            x = _forward_groups(groups[j:k], xb.to(dev, non_blocking=True))
-            if groups[k][0] == "head" and x.ndim == 4: x = x.mean(dim=(2, 3))  # the head's input: pooled features
-            xs.append(x.cpu()); ys.append(yb)
-    finally: model.train(was_training)
-    return PrefixCache(model, k, TopModel(groups[k:]), TensorDataset(torch.cat(xs), torch.cat(ys)),
-                       time.perf_counter() - t0)
+    dev = default_device(device)
+    model.to(dev)
+    # the frozen groups j..k-1; before a head, an identity "head" makes iter_groups pool them to the head's input
+    prefix = TopModel(groups[j:k] + ([("head", nn.Identity())] if groups[k][0] == "head" else []))
+    acts = run_frozen(prefix, items, batch_size=batch_size, device=dev, progress=progress)
+    return PrefixCache(model, k, TopModel(groups[k:]), acts.dataset(), acts.seconds)
+
 
 # %% ../nbs/12_freezing.ipynb #fd59cfbd
 @torch.no_grad()

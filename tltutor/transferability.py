@@ -15,11 +15,10 @@ from torch import nn
 
 from .backbones import layer_groups
 from .checks import check_finite, check_int, check_labels
-from .fewshot import conv_block
+from .extract import run_frozen
 
 # %% auto #0
-__all__ = ['logme', 'leep', 'nce', 'h_score', 'SmallCNN', 'grey_transform', 'source_probs', 'transferability_scores',
-           'rank_agreement']
+__all__ = ['logme', 'leep', 'nce', 'h_score', 'grey_transform', 'source_probs', 'transferability_scores', 'rank_agreement']
 
 # %% ../nbs/19_transferability.ipynb #af142d66
 def _encode_labels(y, n: int, num_classes=None) -> tuple:
@@ -125,22 +124,8 @@ def h_score(features, y, num_classes: int | None = None) -> float:
     return float((class_sums ** 2 / counts[:, None]).sum())    # tr(U^T P U), P = projection onto class indicators
 
 # %% ../nbs/19_transferability.ipynb #244571d9
-class SmallCNN(nn.Module):
-    "Four `conv_block`s of `hidden` channels and a linear head for 28 px images, with `layer_groups` (`block1`..`block4`, `head`)."
-    def __init__(self, num_classes: int = 10, hidden: int = 32, in_channels: int = 1):
-        super().__init__()
-        check_int(num_classes, "num_classes"); check_int(hidden, "hidden"); check_int(in_channels, "in_channels")
-        self.blocks = nn.Sequential(*[conv_block(in_channels if i == 0 else hidden, hidden) for i in range(4)])
-        self.head = nn.Linear(hidden, num_classes)     # 28 -> 14 -> 7 -> 3 -> 1 px, then pooled
-
-    def layer_groups(self) -> list:
-        "The `(name, module)` blocks that `tltutor.extract`, `tltutor.backbones.feature_extractor` and `tltutor.freeze` use."
-        return [(f"block{i}", b) for i, b in enumerate(self.blocks, 1)] + [("head", self.head)]
-
-    def forward(self, x): return self.head(self.blocks(x).mean(dim=(2, 3)))
-
 class grey_transform:
-    "Resize images to `size` x `size` and average their colour channels: the input `SmallCNN` was trained on (pixels in [0, 1])."
+    "Resize images to `size` x `size` and average their colour channels: the input the chapter's small CNNs were trained on (pixels in [0, 1])."
     def __init__(self, size: int = 28): self.size = check_int(size, "size", min=8)
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(x) or x.ndim not in (3, 4):
@@ -158,11 +143,8 @@ def source_probs(model: nn.Module, features) -> np.ndarray:
     "Softmax of `model`'s source head (the last of its `layer_groups`) applied to pooled `features` of its last block."
     name, head = layer_groups(model)[-1]
     if name != "head": raise ValueError(f"the last layer group of this {type(model).__name__} is {name!r}, not a head.")
-    f = torch.as_tensor(_features(features), dtype=torch.float32)
-    was_training = head.training
-    head.eval()                                  # no dropout: the head as it predicts
-    try: return torch.softmax(head(f), 1).double().numpy()
-    finally: head.train(was_training)
+    f = torch.as_tensor(_features(features), dtype=torch.float32)    # the head in eval mode (no dropout), in one batch
+    return torch.softmax(run_frozen(head, f, batch_size=max(len(f), 1), device="cpu").outputs, 1).double().numpy()
 
 def transferability_scores(features, y, probs=None) -> dict:
     """LogME and H-score of `features`, LEEP and NCE of the source-head `probs` (NaN without a head), for labels `y`;

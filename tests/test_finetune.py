@@ -251,6 +251,19 @@ def test_forgetting_of_a_model_against_itself():
         forgetting(m, m, [])
 
 
+def test_forgetting_labels_are_the_full_models_top1():
+    from tltutor.backbones import to_chw, weights_meta
+    torch.manual_seed(0)
+    m, other = torchvision.models.mobilenet_v2(weights=None).eval(), torchvision.models.mobilenet_v2(weights=None).eval()
+    imgs = [np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8) for i in range(3)]
+    meta = weights_meta("mobilenet_v2")
+    x = torch.stack([meta["transforms"](to_chw(im)) for im in imgs])
+    top1 = lambda net: [meta["categories"][i] for i in net(x).argmax(1).tolist()]
+    res = forgetting(other, m, imgs)      # one forward pass per network, the ImageNet head read on both
+    with torch.no_grad():
+        assert res["before"] == top1(m) and res["after"] == top1(with_head(other, m.classifier).eval())
+
+
 # ---------------------------------------------------------------- fine_tune, StepLog
 def test_fine_tune_recipe_runs_both_phases():
     seed_everything(0)
@@ -273,9 +286,30 @@ def test_fine_tune_one_rate_no_warmup():
     assert h["phase"] == ["all"] and log.lrs[0] == pytest.approx(1e-3)
 
 
+def test_fine_tune_prepare_freeze_bn_keeps_batchnorm():
+    from tltutor.freeze import freeze_bn
+    seed_everything(0)
+    m = torchvision.models.mobilenet_v2(weights=None, num_classes=2)
+    for p in m.features.parameters(): p.requires_grad_(False)   # fine_tune unfreezes, then prepare re-freezes BN
+    bns = [b for b in m.modules() if isinstance(b, nn.BatchNorm2d)]
+    before = [{k: v.clone() for k, v in b.state_dict().items()} for b in bns]
+    conv = m.features[0][0].weight.detach().clone()
+    seen = []
+    fine_tune(m, tiny_dl(), epochs=1, freeze_epochs=0, lr=1e-2, div=1, warmup=0, progress=False,
+              prepare=lambda model: seen.append(freeze_bn(model)))
+    assert seen == [m]
+    for b, s0 in zip(bns, before):
+        assert not b.training and not any(p.requires_grad for p in b.parameters())
+        assert all(torch.equal(v, s0[k]) for k, v in b.state_dict().items())   # statistics, weight, bias untouched
+    assert not torch.equal(m.features[0][0].weight, conv)                       # the convolutions trained
+    bn_ids = {id(p) for b in bns for p in b.parameters()}
+    assert all(p.requires_grad for p in m.parameters() if id(p) not in bn_ids)  # everything else was unfrozen
+
+
 @pytest.mark.parametrize("kw, msg", [(dict(freeze_epochs=-1), "freeze_epochs"), (dict(epochs=0), "positive integer"),
                                      (dict(div=0.5), "div="), (dict(warmup=1.0), "fraction of the steps"),
-                                     (dict(lr=-1e-3), "positive number"), (dict(l2sp=0.1), "must be an L2SP")])
+                                     (dict(lr=-1e-3), "positive number"), (dict(l2sp=0.1), "must be an L2SP"),
+                                     (dict(prepare="freeze_bn"), "prepare must be a function")])
 def test_fine_tune_bad_inputs(kw, msg):
     m = torchvision.models.mobilenet_v2(weights=None, num_classes=2)
     with pytest.raises((ValueError, TypeError), match=msg):

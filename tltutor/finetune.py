@@ -157,12 +157,14 @@ class L2SP(Callback):
 def fine_tune(model: nn.Module, train_dl, valid_dl=None, epochs: int = 3, freeze_epochs: int = 1, lr: float = 1e-3,
               div: float = 100.0, warmup: float = 0.1, head_lr: float | None = None, l2sp: L2SP | None = None,
               weight_decay: float | None = None, opt_func=torch.optim.AdamW, callbacks=None, device=None,
-              progress: bool = True, **fit_kwargs) -> History:
+              progress: bool = True, prepare=None, **fit_kwargs) -> History:
     """Fine-tune `model` (its head already replaced): head first on cached features, then the whole network.
 
     Whole-network phase: `opt_func` (default AdamW; e.g. `functools.partial(torch.optim.SGD, momentum=0.9)`) over
     `discriminative_param_groups(model, lr / div, lr)`, `warmup_cosine` with a warmup of `warmup` x the steps, and
     `l2sp` (an `L2SP` callback) if given. `weight_decay` defaults to 0.01, or 0 with L2-SP (which replaces it).
+    `prepare`: a function called on `model` after unfreezing, before the optimiser is built (e.g.
+    `tltutor.freeze.freeze_bn`, to fine-tune with BatchNorm's running statistics and affine weights frozen).
     Returns one `History` over both phases (column `phase`)."""
     check_int(freeze_epochs, "freeze_epochs", min=0, hint="0 skips the head-only phase"); check_int(epochs, "epochs")
     _check_lr(lr, "lr")
@@ -172,11 +174,14 @@ def fine_tune(model: nn.Module, train_dl, valid_dl=None, epochs: int = 3, freeze
         raise TypeError(f"l2sp must be an L2SP callback, e.g. l2sp=L2SP(model, alpha=0.1); got {type(l2sp).__name__}.")
     if not callable(opt_func):
         raise TypeError(f"opt_func must build an optimizer from param groups, e.g. torch.optim.SGD; got {opt_func!r}.")
+    if prepare is not None and not callable(prepare):
+        raise TypeError(f"prepare must be a function of the model, e.g. tltutor.freeze.freeze_bn; got {prepare!r}.")
     rows = []
     if freeze_epochs:
         h = train_head(model, train_dl, valid_dl, epochs=freeze_epochs, lr=head_lr or lr, device=device)
         rows += [dict(r, phase="head") for r in h.rows]
     for p in model.parameters(): p.requires_grad_(True)
+    if prepare is not None: prepare(model)
     wd = (0.0 if l2sp is not None else 0.01) if weight_decay is None else weight_decay
     opt = opt_func(discriminative_param_groups(model, lr / div, lr), weight_decay=wd)
     total = epochs * len(train_dl)
@@ -220,11 +225,11 @@ def forgetting(finetuned: nn.Module, original: nn.Module, images, name: str = "m
     images = list(images)
     if not images: raise ValueError("images is empty: pass a few photos, e.g. [skimage.data.chelsea()].")
     probe = with_head(finetuned, head_module(original)).eval()
-    before = [top[0][0] for top in predict_labels(original.eval(), images, name, k=1)]
-    after = [top[0][0] for top in predict_labels(probe, images, name, k=1)]
     meta = weights_meta(name)
     dev = next(original.parameters()).device
     x = torch.stack([meta["transforms"](to_chw(im)) for im in images]).to(dev)
-    f0, f1 = feature_extractor(original).eval()(x), feature_extractor(probe.to(dev)).eval()(x)
+    f0, f1 = feature_extractor(original).eval()(x), feature_extractor(probe.to(dev)).eval()(x)  # one pass per network
+    head = head_module(original).eval()     # the ImageNet head reads both: top-1 labels, as predict_labels gives them
+    before, after = ([meta["categories"][i] for i in head(f).argmax(1).tolist()] for f in (f0, f1))
     drift = (1 - nn.functional.cosine_similarity(f0, f1, dim=1)).mean().item()
     return dict(kept=sum(a == b for a, b in zip(before, after)), total=len(images), drift=drift, before=before, after=after)

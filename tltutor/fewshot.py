@@ -28,11 +28,6 @@ __all__ = ['DISTANCES', 'EpisodeSampler', 'conv_block', 'GlobalAvgPool', 'ConvNe
            'ProtoNet', 'train_protonet', 'EpisodeScore', 'embed_dataset', 'evaluate_episodes', 'pretrain_classifier']
 
 # %% ../nbs/14_prototypes.ipynb #cd2ac434
-def _positive_int(name: str, v, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name}={v!r} must be an integer >= {minimum}.")
-    return int(v)
-
 def _as_labels(labels) -> np.ndarray:
     "Integer class ids from a sequence or tensor of labels, a tuple `(x, y)`, or a dataset (`.y`, `.targets`, `.tensors`, items)."
     if isinstance(labels, tuple) and len(labels) == 2 and all(hasattr(a, "shape") and len(a.shape) for a in labels):
@@ -159,20 +154,20 @@ def conv4(in_channels: int = 1, hidden: int = 64, blocks: int = 4, num_classes: 
     (`widths`: one entry per block instead), flattened (`pool='mean'`: globally averaged, and `layer_groups` works);
     with `num_classes`, a linear head for `image_size` px inputs (through a ReLU layer of `head_hidden` units if given).
     `bn`, `downsample`: see `conv_block`. `channels_last` weights make the CPU kernels faster (the few-shot default)."""
-    _positive_int("in_channels", in_channels)
-    widths = [_positive_int("hidden", hidden)] * _positive_int("blocks", blocks) if widths is None else list(widths)
-    if not widths or not all(_positive_int("widths", w) for w in widths): raise ValueError("widths must list 1+ blocks.")
+    check_int(in_channels, "in_channels")
+    widths = [check_int(hidden, "hidden")] * check_int(blocks, "blocks") if widths is None else list(widths)
+    if not widths or not all(check_int(w, "widths") for w in widths): raise ValueError("widths must list 1+ blocks.")
     if pool not in ("flatten", "mean"): raise ValueError(f"pool={pool!r} must be 'flatten' or 'mean'.")
     convs = [conv_block(c_in, c_out, bn, downsample) for c_in, c_out in zip([in_channels] + widths[:-1], widths)]
     head = []
     if num_classes is not None:
         n_in = widths[-1]
         if pool == "flatten":     # each max-pool halves the side (floor), each stride-2 convolution too (ceil)
-            side = _positive_int("image_size", image_size, 2 ** len(widths) if downsample == "max" else 1)
+            side = check_int(image_size, "image_size", min=2 ** len(widths) if downsample == "max" else 1)
             for _ in widths: side = side // 2 if downsample == "max" else (side + 1) // 2
             n_in *= side ** 2
-        if head_hidden is not None: head = [nn.Linear(n_in, _positive_int("head_hidden", head_hidden)), nn.ReLU()]; n_in = head_hidden
-        head.append(nn.Linear(n_in, _positive_int("num_classes", num_classes)))
+        if head_hidden is not None: head = [nn.Linear(n_in, check_int(head_hidden, "head_hidden")), nn.ReLU()]; n_in = head_hidden
+        head.append(nn.Linear(n_in, check_int(num_classes, "num_classes")))
     net = ConvNet(*convs, nn.Flatten() if pool == "flatten" else GlobalAvgPool(), *head)
     # channels-last weights make the CPU (oneDNN) kernels about 1.5x faster to train and 2x faster to embed here
     return net.to(memory_format=torch.channels_last) if channels_last else net

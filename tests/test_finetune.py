@@ -279,6 +279,10 @@ def test_forgetting_with_a_precomputed_reference_is_the_same():
         forgetting(other, m, imgs, reference={"x": 1})
     with pytest.raises(ValueError, match="images is empty"):
         photo_reference(m, [])
+    chunked = forgetting(other, m, imgs, reference=photo_reference(m, imgs, batch_size=2))   # two passes: 2 + 1
+    assert chunked["before"] == plain["before"] and chunked["drift"] == pytest.approx(plain["drift"], abs=1e-5)
+    with pytest.raises(ValueError, match="positive integer"):
+        photo_reference(m, imgs, batch_size=0)
 
 
 # ---------------------------------------------------------------- fine_tune, StepLog

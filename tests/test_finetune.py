@@ -264,6 +264,27 @@ def test_forgetting_labels_are_the_full_models_top1():
         assert res["before"] == top1(m) and res["after"] == top1(with_head(other, m.classifier).eval())
 
 
+def test_forgetting_with_a_precomputed_reference_is_the_same():
+    from tltutor.finetune import photo_reference
+    torch.manual_seed(0)
+    m, other = torchvision.models.mobilenet_v2(weights=None).eval(), torchvision.models.mobilenet_v2(weights=None).eval()
+    imgs = [np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8) for i in range(3)]
+    ref = photo_reference(m, imgs)
+    assert ref["features"].shape == (3, 1280) and len(ref["before"]) == 3
+    plain, fast = forgetting(other, m, imgs), forgetting(other, m, imgs, reference=ref)
+    assert plain == fast                               # bit for bit: the same passes, the original's done once
+    with pytest.raises(ValueError, match="computed on 3 images"):
+        forgetting(other, m, imgs[:2], reference=ref)
+    with pytest.raises(TypeError, match="photo_reference"):
+        forgetting(other, m, imgs, reference={"x": 1})
+    with pytest.raises(ValueError, match="images is empty"):
+        photo_reference(m, [])
+    chunked = forgetting(other, m, imgs, reference=photo_reference(m, imgs, batch_size=2))   # two passes: 2 + 1
+    assert chunked["before"] == plain["before"] and chunked["drift"] == pytest.approx(plain["drift"], abs=1e-5)
+    with pytest.raises(ValueError, match="positive integer"):
+        photo_reference(m, imgs, batch_size=0)
+
+
 # ---------------------------------------------------------------- fine_tune, StepLog
 def test_fine_tune_recipe_runs_both_phases():
     seed_everything(0)

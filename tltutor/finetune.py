@@ -20,7 +20,7 @@ from .extract import run_frozen
 
 # %% auto #0
 __all__ = ['head_module', 'head_features', 'train_head', 'discriminative_param_groups', 'warmup_cosine', 'L2SP', 'fine_tune',
-           'StepLog', 'with_head', 'forgetting']
+           'StepLog', 'with_head', 'photo_reference', 'forgetting']
 
 # %% ../nbs/11_fine_tuning.ipynb #a6e1458e
 def head_module(model: nn.Module) -> nn.Module:
@@ -216,20 +216,50 @@ def with_head(model: nn.Module, head: nn.Module) -> nn.Module:
             return new
     raise ValueError("could not find the head inside the model.")
 
-@torch.no_grad()
-def forgetting(finetuned: nn.Module, original: nn.Module, images, name: str = "mobilenet_v2") -> dict:
-    """Compare `finetuned`'s backbone with `original` (a pretrained network with its ImageNet head) on `images`.
+def _pooled(model, x, batch_size):
+    "Pooled features of `model` (eval mode) for the images `x`, `batch_size` at a time (None: all in one pass)."
+    fe = feature_extractor(model).eval()
+    if batch_size is None: return fe(x)
+    return torch.cat([fe(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
-    Returns `kept` (photos whose top-1 ImageNet label survives, read through the original head), `total`, `drift`
-    (mean cosine distance of the pooled features) and the top-1 labels `before` and `after`."""
+@torch.no_grad()
+def photo_reference(original: nn.Module, images, name: str = "mobilenet_v2", batch_size: int | None = None) -> dict:
+    """The `original` network's side of `forgetting`, computed once for many fine-tuned models: the transformed
+    `images` (`x`), their pooled features (`features`) and the top-1 ImageNet labels (`before`).
+
+    `batch_size`: images per forward pass (None: all in one); on a CPU a few passes of a dozen large images can be
+    faster than one. It is kept in the result, so `forgetting` runs the fine-tuned network the same way."""
+    if batch_size is not None: check_int(batch_size, "batch_size", hint="or None for one pass")
     images = list(images)
     if not images: raise ValueError("images is empty: pass a few photos, e.g. [skimage.data.chelsea()].")
-    probe = with_head(finetuned, head_module(original)).eval()
     meta = weights_meta(name)
     dev = next(original.parameters()).device
     x = torch.stack([meta["transforms"](to_chw(im)) for im in images]).to(dev)
-    f0, f1 = feature_extractor(original).eval()(x), feature_extractor(probe.to(dev)).eval()(x)  # one pass per network
+    f0 = _pooled(original, x, batch_size)
+    head = head_module(original).eval()     # the ImageNet head: top-1 labels, as predict_labels gives them
+    return dict(x=x, features=f0, before=[meta["categories"][i] for i in head(f0).argmax(1).tolist()], name=name,
+                batch_size=batch_size)
+
+@torch.no_grad()
+def forgetting(finetuned: nn.Module, original: nn.Module, images, name: str = "mobilenet_v2",
+               reference: dict | None = None) -> dict:
+    """Compare `finetuned`'s backbone with `original` (a pretrained network with its ImageNet head) on `images`.
+
+    Returns `kept` (photos whose top-1 ImageNet label survives, read through the original head), `total`, `drift`
+    (mean cosine distance of the pooled features) and the top-1 labels `before` and `after`. `reference`: the
+    `photo_reference(original, images, name)` of earlier calls, so the original network's side is not recomputed."""
+    if reference is None: reference = photo_reference(original, images, name)
+    elif not (isinstance(reference, dict) and {"x", "features", "before"} <= set(reference)):
+        raise TypeError("reference must be the dict of photo_reference(original, images), or None.")
+    n = len(list(images))
+    if n != len(reference["before"]):
+        raise ValueError(f"reference was computed on {len(reference['before'])} images, not these {n}: build it with "
+                         "photo_reference(original, images) for the same images.")
+    x, f0, before = reference["x"], reference["features"], reference["before"]
+    probe = with_head(finetuned, head_module(original)).eval()
+    meta = weights_meta(reference.get("name", name))
+    f1 = _pooled(probe.to(x.device), x, reference.get("batch_size"))     # the fine-tuned network's side
     head = head_module(original).eval()     # the ImageNet head reads both: top-1 labels, as predict_labels gives them
-    before, after = ([meta["categories"][i] for i in head(f).argmax(1).tolist()] for f in (f0, f1))
+    after = [meta["categories"][i] for i in head(f1).argmax(1).tolist()]
     drift = (1 - nn.functional.cosine_similarity(f0, f1, dim=1)).mean().item()
-    return dict(kept=sum(a == b for a, b in zip(before, after)), total=len(images), drift=drift, before=before, after=after)
+    return dict(kept=sum(a == b for a, b in zip(before, after)), total=n, drift=drift, before=before, after=after)

@@ -217,10 +217,8 @@ def with_head(model: nn.Module, head: nn.Module) -> nn.Module:
     raise ValueError("could not find the head inside the model.")
 
 def _pooled(model, x, batch_size):
-    "Pooled features of `model` (eval mode) for the images `x`, `batch_size` at a time (None: all in one pass)."
-    fe = feature_extractor(model).eval()
-    if batch_size is None: return fe(x)
-    return torch.cat([fe(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    "Pooled features of `model` for the images `x` through `run_frozen`, `batch_size` at a time (None: one pass)."
+    return run_frozen(feature_extractor(model), x, batch_size=batch_size or len(x), device=x.device).outputs
 
 @torch.no_grad()
 def photo_reference(original: nn.Module, images, name: str = "mobilenet_v2", batch_size: int | None = None) -> dict:

@@ -11,6 +11,9 @@
   numbers are compared with their reviewed golden values there, so a trained number that moved beyond its tolerance
   fails the notebook even where nbval ignores the cell that prints it (`make golden` rewrites them; an already set
   value wins, and `TLTUTOR_GOLDEN=` turns the check off);
+- notebook kernels start one at a time across the xdist workers (two started at the same instant can race for ports
+  and first-run files), each may take up to `--nbval-kernel-startup-timeout` seconds (pytest.ini), and a kernel that
+  does not answer is replaced once, with a warning, before its notebook fails;
 - notebooks start longest-budget first, and the run ends with a table of each notebook's seconds against its budget
   (`nbs/budgets.csv`); a notebook over 1.5x its budget fails the run (a regression guard, not a benchmark).
 """
@@ -25,9 +28,15 @@ os.environ.setdefault("TLTUTOR_GOLDEN", os.path.join(os.path.dirname(os.path.abs
 
 import csv
 import re
+import tempfile
+import warnings
 from collections import defaultdict
 from configparser import ConfigParser
+from contextlib import contextmanager
 from pathlib import Path
+
+try: import fcntl
+except ImportError: fcntl = None  # Windows: kernels start without the cross-worker lock
 
 import pytest
 
@@ -144,6 +153,39 @@ class _NotebookClock:
             session.exitstatus = 1
 
 
+# --- notebook kernels ---------------------------------------------------------------------------------------------
+@contextmanager
+def kernel_start_lock(run_id=None):
+    "Held while one notebook kernel starts; shared by the xdist workers of one test run (a lock file, Unix only)."
+    run_id = run_id or os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None or fcntl is None:  # one process, or no flock: nothing to serialise
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / f"tltutor-kernel-start-{run_id}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def start_kernels_safely(start, retries: int = 1):
+    """Wrap nbval's kernel start (`nbval.plugin.RunningKernel`): kernels start one at a time across workers, and a
+    kernel that does not answer (`RuntimeError`: "Kernel didn't respond", "Kernel died") is replaced `retries` times
+    before the error reaches the notebook. nbval shuts the unanswering kernel down before it raises."""
+    if getattr(start, "tltutor_safe", False): return start
+    def start_kernel(*args, **kwargs):
+        for attempt in range(retries + 1):
+            try:
+                with kernel_start_lock(): return start(*args, **kwargs)
+            except RuntimeError as e:
+                if attempt == retries: raise
+                warnings.warn(f"a notebook kernel did not start ({e}); starting a new one")
+    start_kernel.tltutor_safe = True
+    return start_kernel
+
+
 def pytest_configure(config):
+    if config.pluginmanager.hasplugin("nbval"):
+        import nbval.plugin
+        nbval.plugin.RunningKernel = start_kernels_safely(nbval.plugin.RunningKernel)
     if not hasattr(config, "workerinput"):  # the controlling process (or a run without xdist)
         config.pluginmanager.register(_NotebookClock(), "tltutor-notebook-clock")

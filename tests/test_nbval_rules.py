@@ -44,3 +44,44 @@ def test_nbval_rules(tmp_path):
     assert "1 passed, 2 skipped" in out, out
     rc, out = run_nbval(tmp_path, {"changed.ipynb": changed})
     assert rc != 0 and "Cell outputs differ" in out, out
+
+
+# --- notebook kernels: one starts at a time across workers, an unanswering one is replaced once --------------------
+def test_kernel_start_is_wrapped():
+    import nbval.plugin
+    assert getattr(nbval.plugin.RunningKernel, "tltutor_safe", False), "conftest.py did not wrap nbval's kernel start"
+    import conftest
+    assert conftest.start_kernels_safely(nbval.plugin.RunningKernel) is nbval.plugin.RunningKernel  # never twice
+
+
+def test_kernel_start_retried_once():
+    import conftest
+    calls = []
+    def flaky(name, cwd=None, startup_timeout=60):
+        calls.append(name)
+        if len(calls) == 1: raise RuntimeError("Kernel didn't respond in 60 seconds")
+        return f"kernel {name}"
+    with pytest.warns(UserWarning, match="did not start .*Kernel didn't respond"):
+        assert conftest.start_kernels_safely(flaky)("python3", cwd="nbs") == "kernel python3"
+    assert calls == ["python3", "python3"]
+
+    def dead(*args, **kwargs): raise RuntimeError("Kernel died before replying to kernel_info")
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="Kernel died"):
+        conftest.start_kernels_safely(dead, retries=1)("python3")
+    def wrong(*args, **kwargs): raise ValueError("not a start-up failure")
+    with pytest.raises(ValueError):  # anything else is not retried
+        conftest.start_kernels_safely(wrong)("python3")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the lock uses fcntl.flock")
+def test_kernel_start_lock_serialises(tmp_path):
+    import threading, time
+    import conftest
+    events, run_id = [], f"test-{tmp_path.name}"
+    def start(name):
+        with conftest.kernel_start_lock(run_id):
+            events.append(("in", name)); time.sleep(0.2); events.append(("out", name))
+    threads = [threading.Thread(target=start, args=(n,)) for n in "ab"]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert [e[0] for e in events] == ["in", "out", "in", "out"], events  # never two inside at once

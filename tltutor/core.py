@@ -539,7 +539,8 @@ def _override(key: str, tolerances: dict):
 
 def golden_tolerance(key: str, golden, tolerances: dict | None = None):
     """How far metric `key` may move from its `golden` value: `'exact'`, `'ignore'`, `{'abs': a, 'rel': r}` or
-    `{'std': other_key, 'k': k}`. An entry of `tolerances` (exact key or glob pattern) wins; else the rule by kind:
+    `{'std': other_key, 'k': k}`; a numeric spec may add `'when_same': [keys]` (compared only while those recorded
+    choices equal the golden ones) and `'optional': True` (may be missing from one of the two runs). An entry of `tolerances` (exact key or glob pattern) wins; else the rule by kind:
     timings and speed-ups (`seconds`, `ms`, `per_s`, `speedup`, ...) are not compared (CPUs differ ~2x); strings,
     booleans, integers and everything under `settings.` must be equal; other numbers may move by
     `max(DEFAULT_ABS, DEFAULT_REL * |golden|)`."""
@@ -548,13 +549,20 @@ def golden_tolerance(key: str, golden, tolerances: dict | None = None):
         if _TIMING.search(key): return "ignore"
         if golden is None or isinstance(golden, (bool, str, int)) or key.startswith("settings."): return "exact"
         return {"abs": DEFAULT_ABS, "rel": DEFAULT_REL}
-    if spec in ("exact", "ignore"): return spec
+    if isinstance(spec, str) and spec in ("exact", "ignore"): return spec
     if isinstance(spec, (int, float)) and not isinstance(spec, bool) and spec >= 0: return {"abs": float(spec)}
     num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+    if isinstance(spec, dict) and ("when_same" in spec or "optional" in spec):
+        when, optional = spec.get("when_same", []), spec.get("optional", False)
+        when = [when] if isinstance(when, str) else when
+        if isinstance(when, list) and all(isinstance(k, str) and k for k in when) and isinstance(optional, bool):
+            base = golden_tolerance(key, golden, {key: {k: v for k, v in spec.items() if k not in ("when_same", "optional")}})
+            return {**base, **({"when_same": when} if when else {}), **({"optional": True} if optional else {})}
     if isinstance(spec, dict) and spec and set(spec) <= {"abs", "rel"} and all(map(num, spec.values())): return spec
     if isinstance(spec, dict) and set(spec) in ({"std"}, {"std", "k"}) and num(spec.get("k", 3)): return spec
     raise ValueError(f"tolerance {spec!r} for {key!r} is not one of 'exact', 'ignore', a number (absolute), "
-                     "{'abs': a, 'rel': r} or {'std': '<metric holding the seed std>', 'k': 3}.")
+                     "{'abs': a, 'rel': r} or {'std': '<metric holding the seed std>', 'k': 3}, optionally with "
+                     "'when_same': ['<key of a recorded choice>', ...] and 'optional': True.")
 
 def _allowed(spec, golden: float, values: dict):
     "The largest |now - golden| the numeric `spec` accepts, and how to show it."
@@ -572,21 +580,35 @@ def _same(a, b) -> bool:
     if isinstance(a, bool) or isinstance(b, bool) or not all(isinstance(v, (int, float)) for v in (a, b)): return a == b
     return float(f"{a:.6g}") == float(f"{b:.6g}")
 
+def _moved_choices(key: str, spec: dict, now: dict, gold: dict) -> list:
+    "The `when_same` choices of `spec` whose value now differs from the golden one."
+    for k in spec.get("when_same", []):
+        if k not in gold: raise ValueError(f"the tolerance of {key!r} names {k!r} in 'when_same', which is not a recorded metric.")
+    return [k for k in spec.get("when_same", []) if not _same(gold[k], now.get(k, "-"))]
+
 def compare_golden(now: dict, golden: dict, tolerances: dict | None = None) -> list:
     """One row per metric of `now` and `golden` (flattened, `a.b`): `{metric, golden, now, tolerance, ok}`.
-    A metric recorded now but not in `golden` (or the reverse) is not ok, nor is a tolerance for no metric."""
+    A metric recorded now but not in `golden` (or the reverse) is not ok, nor is a tolerance for no metric; a metric
+    whose `when_same` choices moved, or an `optional` one recorded in one run only, is shown as not compared, and is ok."""
     now, gold = dict(_flatten(now)), dict(_flatten(golden))
     tolerances = tolerances or {}
     rows = []
     for key in list(gold) + [k for k in now if k not in gold]:
         g, n = gold.get(key, "-"), now.get(key, "-")
-        if key not in now: rows.append(dict(metric=key, golden=g, now=n, tolerance="removed", ok=False)); continue
-        if key not in gold: rows.append(dict(metric=key, golden=g, now=n, tolerance="added", ok=False)); continue
+        if key not in now or key not in gold:
+            optional = golden_tolerance(key, 0.0, tolerances) if _override(key, tolerances) else {}
+            if isinstance(optional, dict) and optional.get("optional"):
+                rows.append(dict(metric=key, golden=g, now=n, tolerance="not compared: recorded in one run only", ok=True))
+            else: rows.append(dict(metric=key, golden=g, now=n, tolerance="removed" if key not in now else "added", ok=False))
+            continue
         spec = golden_tolerance(key, g, tolerances)
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (g, n))
-        if spec == "ignore": tol, ok = "not compared (timing)", numbers or type(g) == type(n)
+        if spec == "ignore":
+            tol, ok = "not compared" + (" (timing)" if _TIMING.search(key) else ""), numbers or type(g) == type(n)
         elif spec == "exact": tol, ok = "equal", _same(g, n)
         elif not numbers: tol, ok = "number expected", False
+        elif moved := _moved_choices(key, spec, now, gold):
+            tol, ok = "not compared: " + ", ".join(f"{k} {_show(gold[k])} -> {_show(now.get(k, '-'))}" for k in moved), True
         else:
             allowed, tol = _allowed(spec, g, gold)
             ok = abs(n - g) <= allowed + 1e-12

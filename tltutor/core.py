@@ -540,10 +540,10 @@ def _override(key: str, tolerances: dict):
 def golden_tolerance(key: str, golden, tolerances: dict | None = None):
     """How far metric `key` may move from its `golden` value: `'exact'`, `'ignore'`, `{'abs': a, 'rel': r}` or
     `{'std': other_key, 'k': k}`; a numeric spec may add `'when_same': [keys]` (compared only while those recorded
-    choices equal the golden ones) and `'optional': True` (may be missing from one of the two runs). An entry of `tolerances` (exact key or glob pattern) wins; else the rule by kind:
-    timings and speed-ups (`seconds`, `ms`, `per_s`, `speedup`, ...) are not compared (CPUs differ ~2x); strings,
-    booleans, integers and everything under `settings.` must be equal; other numbers may move by
-    `max(DEFAULT_ABS, DEFAULT_REL * |golden|)`."""
+    choices equal the golden ones) and `'optional': True` (may be missing from one of the two runs). An entry of
+    `tolerances` (exact key or glob pattern) wins; else the rule by kind: timings and speed-ups (`seconds`, `ms`,
+    `per_s`, `speedup`, ...) are not compared (CPUs differ ~2x); strings, booleans, integers and everything under
+    `settings.` must be equal; other numbers may move by `max(DEFAULT_ABS, DEFAULT_REL * |golden|)`."""
     spec = _override(key, tolerances or {})
     if spec is None:
         if _TIMING.search(key): return "ignore"
